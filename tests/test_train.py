@@ -1,0 +1,120 @@
+"""Real training of a tiny random Llama with NF4 on the CPU: both approaches, output, round-trip."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.conftest import tiny_config
+from trainables.config import RunConfig
+from trainables.data import load_dataset
+from trainables.loop import Trainer
+from trainables.predict import Classifier
+
+
+def _trainer(tiny_csv, **over):
+    cfg = RunConfig.model_validate(tiny_config(tiny_csv, **over))
+    return Trainer(cfg, load_dataset(cfg.data), log=lambda *_: None)
+
+
+@pytest.mark.parametrize("approach", ["head", "generation"])
+def test_train_nf4_writes_output_and_predict_round_trips(tiny_csv, tmp_path, approach):
+    tr = _trainer(tiny_csv, approach=approach)
+    from bitsandbytes.nn import Linear4bit
+
+    assert any(isinstance(m, Linear4bit) for m in tr.model.modules()), "base must be NF4-quantized"
+    res = tr.fit()
+    assert len(res.history) == 1 and {"train_loss", "eval_accuracy", "eval_f1_macro"} <= set(res.history[0])
+    out = tr.save_output(tmp_path / "out", res)
+    for f in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "tokenizer/tokenizer.json",
+              "labels.json", "config.yaml", "metrics.json", "run_info.json",
+              *(f"plots/confusion_{s}.{e}" for s in ("train", "eval", "test") for e in ("json", "png"))):
+        assert (out / f).is_file(), f
+    assert not list(out.glob("**/*.bin")) and not list(out.glob("**/*.pt")), "safetensors only"
+    metrics = json.loads((out / "metrics.json").read_text())
+    cm = np.array(metrics["final"]["test"]["confusion_matrix"])
+    assert cm.sum() == len(tr.data.test)
+    expected, _ = tr.evaluate("test")
+    clf = Classifier(out)
+    got = clf.predict(tr.data.test.texts)
+    np.testing.assert_allclose(got.probabilities, expected, atol=1e-5)
+    assert set(got.labels) <= set(tr.data.label_names)
+    np.testing.assert_allclose(got.probabilities.sum(1), 1.0, atol=1e-5)
+
+
+def test_head_loss_goes_down_on_a_learnable_toy(tiny_csv):
+    tr = _trainer(tiny_csv, quantization="none", **{"training.epochs": 8, "training.learning_rate": 1e-2})
+    res = tr.fit()
+    losses = [h["train_loss"] for h in res.history]
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert res.final["train"]["accuracy"] >= 0.9, res.final["train"]
+
+
+def test_generation_loss_only_on_label_tokens(tiny_csv):
+    tr = _trainer(tiny_csv, approach="generation")
+    ex = tr.train_examples[0]
+    batch = tr.approach.collate([ex], train=True)
+    label_tokens = tr.approach.label_ids[ex.label]
+    assert (batch["targets"] != -100).sum() == len(label_tokens)
+    assert batch["targets"][0, ex.prompt_len:].tolist() == label_tokens
+
+
+def test_generation_full_scoring_matches_first_token_ranking_shape(tiny_csv):
+    tr = _trainer(tiny_csv, approach="generation", **{"generation.scoring": "full"})
+    assert not tr.approach.first_token
+    probs, rep = tr.evaluate("eval")
+    assert probs.shape == (len(tr.data.eval), 2)
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+
+
+def test_checkpoint_resume_continues_exactly(tiny_csv, tmp_path):
+    over = {"quantization": "none", "training.epochs": 2}
+    a = _trainer(tiny_csv, **over)
+    a.fit()
+    b = _trainer(tiny_csv, **over)
+    b.cfg.training.epochs = 1
+    b.fit()
+    b.save_checkpoint(tmp_path / "ck")
+    c = _trainer(tiny_csv, **over)
+    c.load_checkpoint(tmp_path / "ck")
+    assert c.epoch == 1
+    c.fit()
+    sa, sc = a.trainable_state(), c.trainable_state()
+    for k in sa:
+        np.testing.assert_allclose(sa[k].numpy(), sc[k].numpy(), atol=1e-5, err_msg=k)
+    assert [h["epoch"] for h in c.history] == [1, 2]
+
+
+def test_class_weights_balanced(tmp_path):
+    from tests.conftest import write
+
+    csv = write(tmp_path / "skew.csv", "text,label\n" + "".join(f"a {i},x\n" for i in range(30)) + "".join(f"b {i},y\n" for i in range(10)))
+    tr = _trainer(csv, **{"head.class_weights": "balanced", "data.split": {"eval": 0.2, "test": 0.2, "seed": 0}})
+    w = tr.class_weights.tolist()
+    assert w[1] > w[0] and abs(w[1] / w[0] - 3.0) < 0.3
+
+
+def test_train_cli_prints_summary_and_writes_folder(tiny_csv, yaml_file, cli, tmp_path):
+    cfg = yaml_file(tiny_config(tiny_csv))
+    code, out, err = cli("train", cfg, "--output", tmp_path / "o", "--set", "training.epochs=2")
+    assert code == 0, err
+    assert "final metrics" in out and "test" in out
+    assert (tmp_path / "o" / "adapter" / "adapter_model.safetensors").is_file()
+    code, out, err = cli("predict", "--model", tmp_path / "o", "--text", "a great day", "--text", "so bad")
+    assert code == 0, err
+    assert "p_neg" in out and "p_pos" in out
+    # batch file -> file
+    from tests.conftest import write
+
+    inp = write(tmp_path / "in.csv", "text\nhello great\nvery bad\n")
+    code, out, err = cli("predict", "--model", tmp_path / "o", "--input", inp, "--output", tmp_path / "pred.jsonl")
+    assert code == 0, err
+    import pandas as pd
+
+    pred = pd.read_json(tmp_path / "pred.jsonl", lines=True)
+    assert list(pred.columns[:2]) == ["text", "label"] and len(pred) == 2
+    # refuses to overwrite a finished output folder
+    code, _, err = cli("train", cfg, "--output", tmp_path / "o")
+    assert code == 2 and "not empty" in err

@@ -1,0 +1,1 @@
+"""Everything that runs inside one trial: data, models, the training loop, metrics, prediction."""

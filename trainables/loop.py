@@ -1,0 +1,282 @@
+"""One training loop for both approaches.
+
+``Trainer(cfg, data).fit(on_epoch=...)`` trains, evaluates on eval after every epoch and calls
+``on_epoch(report, trainer)``; a Ray Tune trial saves a checkpoint there and reports. ``resume_from``
+continues from such a checkpoint (adapter, optimizer, scheduler, history).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from trainables import metrics as M
+from trainables.approaches import Example, autocast, batched_log_scores, make_approach, to_device
+from trainables.config import RunConfig
+from trainables.data import Dataset
+from trainables.errors import InputError
+from trainables.models import attach_lora, device, load_base, load_tokenizer, resolve_model
+
+
+@dataclass
+class EpochReport:
+    epoch: int
+    metrics: dict[str, float]
+
+
+@dataclass
+class FitResult:
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    final: dict[str, dict] = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
+    """Shuffled batches of similar lengths: shuffle, sort within mega-batches of 50 batches,
+    cut, shuffle the batch order. Less padding, still random."""
+    rng = random.Random(seed)
+    idx = list(range(len(lengths)))
+    rng.shuffle(idx)
+    mega = batch_size * 50
+    batches = []
+    for s in range(0, len(idx), mega):
+        chunk = sorted(idx[s: s + mega], key=lambda i: -lengths[i])
+        batches += [chunk[j: j + batch_size] for j in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def _make_optimizer(cfg: RunConfig, params, dev: torch.device):
+    t = cfg.training
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay,
+                                 fused=dev.type == "cuda")
+    if dev.type != "cuda":
+        raise InputError(f"training.optimizer: {t.optimizer} needs a CUDA GPU; use adamw on the CPU")
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.PagedAdamW8bit if t.optimizer == "paged_adamw_8bit" else bnb.optim.PagedAdamW32bit
+    return cls(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+
+
+class Trainer:
+    """A loaded base with LoRA adapters, the encoded data, and the optimizer: one run."""
+
+    def __init__(self, cfg: RunConfig, data: Dataset, dev: torch.device | None = None, log=print):
+        self.cfg, self.data, self.log = cfg, data, log
+        self.dev = dev or device()
+        t = cfg.training
+        self.bf16 = (self.dev.type == "cuda") if t.bf16 == "auto" else bool(t.bf16)
+        seed_everything(t.seed)
+        t0 = time.perf_counter()
+        self.model_path = resolve_model(cfg.model)
+        self.tokenizer = load_tokenizer(self.model_path, cfg.trust_remote_code)
+        self.approach = make_approach(self.tokenizer, data.label_names, cfg)
+        self.encoded: dict[str, list[Example]] = {}
+        for name, split in data.splits().items():
+            self.encoded[name] = self.approach.encode(split.texts, split.labels, train=False)
+        self.train_examples = self.approach.encode(data.train.texts, data.train.labels, train=True)
+        base = load_base(cfg, self.model_path, len(data.label_names), self.tokenizer.pad_token_id, self.dev)
+        self.model = attach_lora(base, cfg)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.class_weights = self._class_weights()
+        self.batches_per_epoch = math.ceil(len(self.train_examples) / t.batch_size)
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / t.grad_accum)
+        self.optimizer = _make_optimizer(cfg, self.trainable, self.dev)
+        from transformers import get_scheduler
+
+        total = self.steps_per_epoch * t.epochs
+        self.scheduler = get_scheduler(
+            "constant_with_warmup" if t.scheduler == "constant" else t.scheduler, self.optimizer,
+            num_warmup_steps=int(round(t.warmup_ratio * total)), num_training_steps=total,
+        )
+        self.epoch = 0
+        self.history: list[dict] = []
+        self.best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+        self.setup_seconds = time.perf_counter() - t0
+
+    # ----------------------------------------------------------------- pieces
+
+    def _class_weights(self) -> torch.Tensor | None:
+        if self.cfg.approach != "head" or self.cfg.head.class_weights == "none":
+            return None
+        counts = np.bincount(self.data.train.labels, minlength=len(self.data.label_names)).astype(float)
+        w = len(self.data.train.labels) / (len(counts) * np.maximum(counts, 1))
+        return torch.tensor(w, dtype=torch.float32, device=self.dev)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.model.named_parameters())
+        missing = [n for n in state if n not in params]
+        if missing:
+            raise InputError(f"checkpoint does not match this model (unknown weights, e.g. {missing[0]})")
+        with torch.no_grad():
+            for n, t in state.items():
+                params[n].copy_(t.to(params[n].device, params[n].dtype))
+
+    def _score_value(self, m: dict) -> float:
+        key = self.cfg.training.metric
+        v = m.get(f"eval_{key}")
+        return -v if key == "loss" else v
+
+    def train_epoch(self) -> dict[str, float]:
+        t = self.cfg.training
+        self.model.train()
+        torch.manual_seed(t.seed + self.epoch)
+        lengths = [len(e.input_ids) for e in self.train_examples]
+        batches = length_grouped_batches(lengths, t.batch_size, t.seed + self.epoch)
+        total_loss, tokens, t0 = 0.0, 0, time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        for i, idx in enumerate(batches):
+            batch = to_device(self.approach.collate([self.train_examples[j] for j in idx], train=True), self.dev)
+            with autocast(self.dev, self.bf16):
+                loss = self.approach.loss(self.model, batch, self.class_weights)
+            (loss / t.grad_accum).backward()
+            total_loss += loss.detach() * len(idx)
+            tokens += int(batch["attention_mask"].sum())
+            if (i + 1) % t.grad_accum == 0 or i + 1 == len(batches):
+                if t.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(self.trainable, t.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        total_loss = float(total_loss)
+        secs = time.perf_counter() - t0
+        loss = total_loss / len(self.train_examples)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss} in epoch {self.epoch + 1}; lower training.learning_rate")
+        return {"train_loss": loss, "train_seconds": secs,
+                "train_samples_per_second": len(self.train_examples) / secs,
+                "train_tokens_per_second": tokens / secs, "learning_rate": self.scheduler.get_last_lr()[0]}
+
+    def evaluate(self, split: str) -> tuple[np.ndarray, dict]:
+        """Probabilities ``[N, classes]`` and a full report (with confusion matrix) for one split."""
+        self.model.eval()
+        scores, loss = batched_log_scores(self.model, self.approach, self.encoded[split],
+                                          self.cfg.training.eval_batch_size, self.dev, self.bf16,
+                                          self.class_weights)
+        probs = torch.softmax(scores, -1).numpy()
+        y = getattr(self.data, split).labels
+        rep = M.report(y, probs.argmax(1), self.data.label_names)
+        rep["loss"] = loss
+        return probs, rep
+
+    # ----------------------------------------------------------------- the loop
+
+    def fit(self, on_epoch: Callable[[EpochReport, "Trainer"], None] | None = None) -> FitResult:
+        t = self.cfg.training
+        while self.epoch < t.epochs:
+            m = self.train_epoch()
+            self.epoch += 1
+            m["epoch"] = self.epoch
+            if self.data.eval is not None:
+                t0 = time.perf_counter()
+                _, rep = self.evaluate("eval")
+                m.update({f"eval_{k}": rep[k] for k in (*M.METRICS, "loss")})
+                m["eval_seconds"] = time.perf_counter() - t0
+                value = self._score_value(m)
+                if self.best is None or value > self.best[0]:
+                    self.best = (value, self.epoch, self.trainable_state() if t.select == "best" else {})
+            self.history.append(m)
+            self.log(_epoch_line(m, t.epochs))
+            if on_epoch:
+                on_epoch(EpochReport(self.epoch, m), self)
+        return self.finish()
+
+    def finish(self) -> FitResult:
+        """Restore the selected epoch's adapter and evaluate every split."""
+        best_epoch = self.epoch
+        if self.cfg.training.select == "best" and self.best and self.best[2]:
+            self.load_trainable_state(self.best[2])
+            best_epoch = self.best[1]
+        final = {name: self.evaluate(name)[1] for name in self.encoded}
+        return FitResult(self.history, best_epoch, final)
+
+    # ----------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self, folder: Path) -> None:
+        """Everything needed to continue: adapter weights, optimizer, scheduler, history, best."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(self.trainable_state(), str(folder / "trainable.safetensors"))
+        if self.best and self.best[2]:
+            save_file(self.best[2], str(folder / "best.safetensors"))
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                   folder / "optimizer.pt")
+        state = {"epoch": self.epoch, "history": self.history,
+                 "best": [self.best[0], self.best[1]] if self.best else None}
+        (folder / "trainer_state.json").write_text(json.dumps(state))
+
+    def load_checkpoint(self, folder: Path) -> None:
+        folder = Path(folder)
+        self.load_trainable_state(load_file(str(folder / "trainable.safetensors")))
+        opt = torch.load(folder / "optimizer.pt", map_location=self.dev, weights_only=True)
+        self.optimizer.load_state_dict(opt["optimizer"])
+        self.scheduler.load_state_dict(opt["scheduler"])
+        state = json.loads((folder / "trainer_state.json").read_text())
+        self.epoch, self.history = state["epoch"], state["history"]
+        if state["best"]:
+            best_file = folder / "best.safetensors"
+            weights = load_file(str(best_file)) if best_file.exists() else {}
+            self.best = (state["best"][0], state["best"][1], weights)
+
+    # ----------------------------------------------------------------- output
+
+    def save_output(self, out: Path, result: FitResult, overwrite: bool = False) -> Path:
+        """Write the output folder atomically: everything ``predict`` needs, plus metrics and plots."""
+        out = Path(out)
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            raise InputError(f"{out}: output folder exists and is not empty (pass --overwrite)")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            write_artifacts(tmp, self, result)
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return out
+
+
+def write_artifacts(folder: Path, trainer: Trainer, result: FitResult) -> None:
+    """The output-folder layout, shared by ``train`` and by trial checkpoints."""
+    trainer.model.save_pretrained(folder / "adapter", safe_serialization=True)
+    trainer.tokenizer.save_pretrained(folder / "tokenizer")
+    (folder / "labels.json").write_text(json.dumps({"names": trainer.data.label_names}, indent=2))
+    (folder / "config.yaml").write_text(yaml.safe_dump(trainer.cfg.dump(), sort_keys=False))
+    info = {"approach": trainer.cfg.approach, "base_model": trainer.cfg.model,
+            "base_model_path": str(trainer.model_path), "quantization": trainer.cfg.quantization,
+            "best_epoch": result.best_epoch, "data_fingerprint": trainer.data.fingerprint()}
+    (folder / "run_info.json").write_text(json.dumps(info, indent=2))
+    (folder / "metrics.json").write_text(json.dumps({"history": result.history, "final": result.final}, indent=2))
+    if result.final:
+        M.write_reports(result.final, folder / "plots")
+
+
+def _epoch_line(m: dict, epochs: int) -> str:
+    s = f"epoch {m['epoch']}/{epochs}  train_loss {m['train_loss']:.4f}  {m['train_samples_per_second']:.1f} samples/s"
+    if "eval_accuracy" in m:
+        s += f"  eval_loss {m['eval_loss']:.4f}  eval_acc {m['eval_accuracy']:.3f}  eval_f1 {m['eval_f1_macro']:.3f}"
+    return s

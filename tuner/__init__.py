@@ -1,0 +1,3 @@
+"""qlora-tune: the driver side - CLI, search, tracking, promotion, serving."""
+
+__version__ = "0.1.0"

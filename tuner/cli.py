@@ -1,0 +1,80 @@
+"""The ``qlora-tune`` command line. Bad input exits 2 with one line naming the culprit."""
+
+from __future__ import annotations
+
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from trainables.errors import InputError
+from tuner.console import console, err_console, quiet_libraries
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fine-tune QLoRA text classifiers and search their hyperparameters on Ray Tune.")
+
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: --set training.epochs=2")]
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="Run config (YAML).")],
+    set_: SetOpt = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
+):
+    """Fine-tune one classifier (no search) and write its output folder."""
+    from tuner.train_cmd import run_train
+
+    out = output or Path("outputs") / f"train-{datetime.now():%Y%m%d-%H%M%S}"
+    run_train(config, set_ or [], out, overwrite)
+
+
+@app.command()
+def predict(
+    model: Annotated[str, typer.Option("--model", "-m", help="Output folder, runs:/RUN/model or models:/NAME@ALIAS.")],
+    text: Annotated[Optional[list[str]], typer.Option("--text", "-t", help="Text to classify (repeatable).")] = None,
+    input: Annotated[Optional[Path], typer.Option("--input", "-i", help="File of texts (csv/tsv/jsonl/parquet).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", help="Write predictions here (csv/tsv/jsonl/parquet).")] = None,
+    text_column: Annotated[str, typer.Option(help="Text column of --input.")] = "text",
+    generate: Annotated[bool, typer.Option("--generate", help="Also show the free-text completion (generation approach).")] = False,
+    batch_size: Annotated[Optional[int], typer.Option(help="Prediction batch size.")] = None,
+):
+    """Classify texts with a trained or registered model."""
+    from tuner.predict_cmd import run_predict
+
+    if bool(text) == bool(input):
+        raise InputError("predict: give either --text (one or more) or --input FILE")
+    if output and not input:
+        raise InputError("predict: --output needs --input")
+    run_predict(model, text or [], input, output, text_column, generate, batch_size)
+
+
+def main(argv: list[str] | None = None) -> None:
+    quiet_libraries()
+    try:
+        app(args=argv, prog_name="qlora-tune", standalone_mode=False)
+    except InputError as e:
+        err_console.print(f"qlora-tune: error: {e}", markup=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        err_console.print("qlora-tune: aborted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        err_console.print("qlora-tune: interrupted")
+        sys.exit(130)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.exceptions.Exit):
+            sys.exit(e.exit_code)
+        if isinstance(e, click.ClickException):
+            err_console.print(f"qlora-tune: error: {e.format_message()}", markup=False, soft_wrap=True)
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()
