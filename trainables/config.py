@@ -7,6 +7,7 @@ Every validation error becomes one line naming the file and the key, e.g.
 from __future__ import annotations
 
 import difflib
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -236,3 +237,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None, model_cls=
     tree = read_yaml(path)
     _anchor_paths(tree, Path(path).resolve().parent)
     return build_config(model_cls, tree, parse_set(overrides), str(path))
+
+
+def encode_choice(value: Any) -> Any:
+    """Optuna categoricals must be scalars: lists/dicts travel as JSON strings."""
+    return value if value is None or isinstance(value, (bool, int, float, str)) else "json:" + json.dumps(value)
+
+
+def decode_choice(value: Any) -> Any:
+    return json.loads(value[5:]) if isinstance(value, str) and value.startswith("json:") else value

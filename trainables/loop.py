@@ -38,6 +38,16 @@ class EpochReport:
 
 
 @dataclass
+class Best:
+    """The best epoch so far on the eval metric: its weights (when kept) and its eval report."""
+
+    value: float
+    epoch: int
+    weights: dict[str, torch.Tensor]
+    report: dict
+
+
+@dataclass
 class FitResult:
     history: list[dict] = field(default_factory=list)
     best_epoch: int = 0
@@ -111,7 +121,7 @@ class Trainer:
         )
         self.epoch = 0
         self.history: list[dict] = []
-        self.best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+        self.best: Best | None = None
         self.setup_seconds = time.perf_counter() - t0
 
     # ----------------------------------------------------------------- pieces
@@ -196,8 +206,9 @@ class Trainer:
                 m.update({f"eval_{k}": rep[k] for k in (*M.METRICS, "loss")})
                 m["eval_seconds"] = time.perf_counter() - t0
                 value = self._score_value(m)
-                if self.best is None or value > self.best[0]:
-                    self.best = (value, self.epoch, self.trainable_state() if t.select == "best" else {})
+                if self.best is None or value > self.best.value:
+                    weights = self.trainable_state() if t.select == "best" else {}
+                    self.best = Best(value, self.epoch, weights, rep)
             self.history.append(m)
             self.log(_epoch_line(m, t.epochs))
             if on_epoch:
@@ -207,9 +218,9 @@ class Trainer:
     def finish(self) -> FitResult:
         """Restore the selected epoch's adapter and evaluate every split."""
         best_epoch = self.epoch
-        if self.cfg.training.select == "best" and self.best and self.best[2]:
-            self.load_trainable_state(self.best[2])
-            best_epoch = self.best[1]
+        if self.cfg.training.select == "best" and self.best and self.best.weights:
+            self.load_trainable_state(self.best.weights)
+            best_epoch = self.best.epoch
         final = {name: self.evaluate(name)[1] for name in self.encoded}
         return FitResult(self.history, best_epoch, final)
 
@@ -220,12 +231,13 @@ class Trainer:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_file(self.trainable_state(), str(folder / "trainable.safetensors"))
-        if self.best and self.best[2]:
-            save_file(self.best[2], str(folder / "best.safetensors"))
+        if self.best and self.best.weights:
+            save_file(self.best.weights, str(folder / "best.safetensors"))
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
                    folder / "optimizer.pt")
         state = {"epoch": self.epoch, "history": self.history,
-                 "best": [self.best[0], self.best[1]] if self.best else None}
+                 "best": {"value": self.best.value, "epoch": self.best.epoch, "report": self.best.report}
+                 if self.best else None}
         (folder / "trainer_state.json").write_text(json.dumps(state))
 
     def load_checkpoint(self, folder: Path) -> None:
@@ -239,7 +251,23 @@ class Trainer:
         if state["best"]:
             best_file = folder / "best.safetensors"
             weights = load_file(str(best_file)) if best_file.exists() else {}
-            self.best = (state["best"][0], state["best"][1], weights)
+            b = state["best"]
+            self.best = Best(b["value"], b["epoch"], weights, b["report"])
+
+    def write_best_model(self, folder: Path) -> None:
+        """The output-folder layout of the best epoch so far (its eval report as ``final``),
+        leaving the weights in training untouched."""
+        swap = self.best is not None and bool(self.best.weights) and self.best.epoch != self.epoch
+        current = self.trainable_state() if swap else None
+        if swap:
+            self.load_trainable_state(self.best.weights)
+        try:
+            epoch = self.best.epoch if self.best else self.epoch
+            final = {"eval": self.best.report} if self.best else {}
+            write_artifacts(Path(folder), self, FitResult(self.history, epoch, final))
+        finally:
+            if swap:
+                self.load_trainable_state(current)
 
     # ----------------------------------------------------------------- output
 

@@ -52,6 +52,54 @@ def predict(
     run_predict(model, text or [], input, output, text_column, generate, batch_size)
 
 
+Address = Annotated[Optional[str], typer.Option("--address", help="Ray cluster: auto, HOST:PORT or ray://HOST:10001 (default: start a local one).")]
+
+
+@app.command()
+def run(
+    study: Annotated[Path, typer.Argument(help="Study file (YAML).")],
+    name: Annotated[Optional[str], typer.Option("--name", help="Study name (default: file name + time).")] = None,
+    address: Address = None,
+    set_: SetOpt = None,
+):
+    """Launch a hyperparameter search on Ray Tune."""
+    from tuner.study import run_study
+
+    run_study(study, set_ or [], name, address)
+
+
+@app.command()
+def resume(name: Annotated[str, typer.Argument(help="Study name.")], address: Address = None):
+    """Continue a study whose driver died or was interrupted."""
+    from tuner.study import resume_study
+
+    resume_study(name, address)
+
+
+@app.command()
+def status(name: Annotated[Optional[str], typer.Argument(help="Study name (default: the latest).")] = None):
+    """Trials table, best trial, compute used and saved by early stopping."""
+    from tuner.study import StudyRecord, latest_study
+    from tuner.summary import print_status
+
+    print_status(StudyRecord.load(name or latest_study()))
+
+
+@app.command()
+def ui(
+    port: Annotated[Optional[int], typer.Option(help="Port for a newly started server.")] = None,
+    stop: Annotated[bool, typer.Option("--stop", help="Stop the embedded server.")] = False,
+):
+    """Start (or reuse) the embedded MLflow server and print its URL."""
+    from tuner import tracking
+
+    if stop:
+        console.print("stopped" if tracking.stop_embedded_server() else "no embedded server was running")
+        return
+    url = tracking.embedded_server(port=port)
+    console.print(f"MLflow UI: {url}  (bound to 127.0.0.1; stop with `qlora-tune ui --stop`)")
+
+
 def main(argv: list[str] | None = None) -> None:
     quiet_libraries()
     try:

@@ -8,8 +8,11 @@ import warnings
 
 from rich.console import Console
 
-console = Console(stderr=False, highlight=False)
-err_console = Console(stderr=True, highlight=False)
+import sys
+
+_width = None if sys.stdout.isatty() else 150  # rich assumes 80 columns when piped
+console = Console(stderr=False, highlight=False, width=_width)
+err_console = Console(stderr=True, highlight=False, width=_width)
 
 
 def quiet_libraries() -> None:
@@ -18,8 +21,11 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     warnings.filterwarnings("ignore")
-    for name in ("transformers", "peft", "bitsandbytes", "datasets", "accelerate"):
+    for name in ("transformers", "peft", "bitsandbytes", "datasets", "accelerate", "mlflow"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         import transformers

@@ -1,0 +1,94 @@
+"""Driver-side Tune callback: live trials table, and closing the MLflow run of each trial that
+ends outside the trial's own code (stopped by ASHA, or errored)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ray.tune import Callback
+
+from trainables import runlog as R
+
+
+def _reason(trial) -> str:
+    try:
+        err = trial.get_error()
+        text = str(err) if err else ""
+    except Exception:  # noqa: BLE001
+        text = ""
+    lines = [l.strip() for l in text.strip().splitlines() if l.strip()]
+    return (lines[-1] if lines else "unknown error")[:500]
+
+
+class StudyCallback(Callback):
+    """Picklable (Ray stores it with the experiment state so ``resume`` gets it back)."""
+
+    def __init__(self, study: str, tracking_uri: str, experiment_id: str, parent_run_id: str, max_epochs: int,
+                 metric: str, mode: str):
+        self.study, self.uri, self.exp_id, self.parent = study, tracking_uri, experiment_id, parent_run_id
+        self.max_epochs, self.metric, self.mode = max_epochs, metric, mode
+        self._last_print = 0.0
+
+    def _run_id(self, trial) -> str | None:
+        runs = R.find_runs(R.client(self.uri), self.exp_id, self.study, "trial", trial.trial_id, self.parent)
+        return runs[0].info.run_id if runs else None
+
+    # ----------------------------------------------------------- progress
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if time.time() - self._last_print > 15:
+            self._print(trials)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        epochs = trial.last_result.get("epoch", 0)
+        if epochs < self.max_epochs:
+            self._close(trial, "stopped_early", f"stopped by ASHA after epoch {epochs}", "FINISHED")
+        else:  # the trial closes its own run after its last epoch; this covers a crash in between
+            self._close(trial, "completed", None, "FINISHED", only_if_running=True)
+        self._print(trials, force=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._close(trial, "errored", _reason(trial), "FAILED")
+        self._print(trials, force=True)
+
+    def on_experiment_end(self, trials, **info):
+        self._print(trials, force=True)
+
+    def _print(self, trials, force: bool = False) -> None:
+        from tuner.console import console
+        from tuner.summary import live_table
+
+        if force or time.time() - self._last_print > 15:
+            self._last_print = time.time()
+            console.print(live_table(trials, self.metric, self.mode, self.max_epochs))
+
+    # ----------------------------------------------------------- MLflow
+
+    def _close(self, trial, state: str, reason: str | None, status: str, only_if_running: bool = False) -> None:
+        """Tag the trial's final state, attach its best checkpoint's model folder when the trial
+        could not (stopped early), and end the run. Never raises: tracking must not kill a study."""
+        try:
+            c = R.client(self.uri)
+            run_id = self._run_id(trial)
+            if run_id is None:  # failed before the trial could open its run: record it anyway
+                tags = {R.STUDY_TAG: self.study, R.KIND_TAG: "trial", R.TRIAL_TAG: trial.trial_id,
+                        "approach": str(trial.config.get("approach", "")), "mlflow.parentRunId": self.parent}
+                run_id = c.create_run(self.exp_id, run_name=f"{trial.trial_id} (failed at start)", tags=tags).info.run_id
+                R.log_params(c, run_id, {"search": {k.split(":", 1)[-1]: v for k, v in trial.config.items()}})
+            run = c.get_run(run_id)
+            if only_if_running and run.data.tags.get(R.STATE_TAG) == "completed":
+                return
+            if state in ("stopped_early", "completed") and trial.checkpoint is not None:
+                with trial.checkpoint.as_directory() as d:
+                    model = Path(d) / "model"
+                    if model.is_dir():
+                        c.log_artifacts(run_id, str(model), "model")
+            c.set_tag(run_id, R.STATE_TAG, state)
+            if reason:
+                c.set_tag(run_id, R.REASON_TAG, reason)
+            c.set_terminated(run_id, status)
+        except Exception as e:  # noqa: BLE001
+            from tuner.console import err_console
+
+            err_console.print(f"warning: could not update MLflow for trial {trial.trial_id}: {e}")

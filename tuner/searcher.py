@@ -1,0 +1,83 @@
+"""Optuna TPE behind Ray Tune, with the search space defined by run (conditional per approach).
+
+ASHA-stopped trials reach Ray's OptunaSearch as COMPLETE with the value of the rung where they
+were cut, so TPE would learn from truncated results as if they were final. This searcher tells
+Optuna such trials were PRUNED instead (their per-epoch values are already reported as
+intermediate values), which is exactly how Optuna treats trials its own pruners stop: TPE ranks
+complete trials by value and puts pruned ones after them, ordered by how far they got.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.tune.search.optuna import OptunaSearch
+
+from trainables.config import encode_choice
+from tuner.study_config import Distribution, SearchSpace
+
+
+def _suggest(trial, name: str, d: Distribution) -> None:
+    if d.kind == "choice":
+        trial.suggest_categorical(name, [encode_choice(c) for c in d.choice])
+    elif d.kind == "loguniform":
+        trial.suggest_float(name, *d.loguniform, log=True)
+    elif d.kind == "uniform":
+        trial.suggest_float(name, *d.uniform)
+    else:
+        trial.suggest_int(name, *d.int, log=d.log)
+
+
+class DefineByRun:
+    """Optuna define-by-run space (picklable: Ray saves the searcher with the study state).
+    Per-approach parameters are named ``<approach>:<key>``."""
+
+    def __init__(self, space: SearchSpace, fixed_approach: str):
+        self.space, self.fixed_approach = space, fixed_approach
+
+    def __call__(self, trial) -> dict[str, Any] | None:
+        space, approach = self.space, self.fixed_approach
+        if "approach" in space.common:
+            approach = trial.suggest_categorical("approach", [str(a) for a in space.common["approach"].choice])
+        for key, d in space.common.items():
+            if key != "approach":
+                _suggest(trial, key, d)
+        for key, d in space.blocks.get(approach, {}).items():
+            _suggest(trial, f"{approach}:{key}", d)
+        return None
+
+
+def param_key(name: str) -> str:
+    """Config key of a sampled parameter name (drops the ``<approach>:`` prefix)."""
+    return name.split(":", 1)[-1]
+
+
+class PruningAwareOptunaSearch(OptunaSearch):
+    """OptunaSearch that reports ASHA-stopped trials to Optuna as PRUNED (see module docstring)."""
+
+    def __init__(self, *args, max_epochs: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._max_epochs = max_epochs
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        if (not error and result and trial_id in self._ot_trials and trial_id not in self._completed_trials
+                and result.get("epoch", self._max_epochs) < self._max_epochs):
+            from optuna.trial import TrialState
+
+            self._ot_study.tell(self._ot_trials[trial_id], None, state=TrialState.PRUNED)
+            self._completed_trials.add(trial_id)
+            return
+        super().on_trial_complete(trial_id, result, error)
+
+
+def make_searcher(space: SearchSpace, fixed_approach: str, seed: int, num_trials: int, max_epochs: int,
+                  metric: str, mode: str):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(
+        seed=seed, multivariate=True, group=True, constant_liar=True,
+        n_startup_trials=max(2, min(10, num_trials // 3)),
+    )
+    return PruningAwareOptunaSearch(space=DefineByRun(space, fixed_approach), sampler=sampler,
+                                    metric=metric, mode=mode, max_epochs=max_epochs)

@@ -1,0 +1,267 @@
+"""Run and resume a study: Ray Tune + Optuna TPE + ASHA, every trial a child run in MLflow."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import time
+from datetime import datetime
+from pathlib import Path
+
+from trainables import runlog as R
+from trainables.errors import InputError
+from trainables.paths import home
+from trainables.trial import TrialContext, train_trial
+from tuner import tracking
+from tuner.console import console
+from tuner.study_config import StudyConfig, load_study, parse_search
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+@dataclasses.dataclass
+class StudyRecord:
+    """What ``resume``/``status``/``promote`` need to find a study again (``study.json``)."""
+
+    name: str
+    source: str
+    config: dict
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    storage_path: str
+    created: str
+    data_fingerprint: str = ""
+    state: str = "running"
+
+    @staticmethod
+    def folder(name: str) -> Path:
+        return home() / "studies" / name
+
+    def save(self) -> None:
+        f = self.folder(self.name)
+        f.mkdir(parents=True, exist_ok=True)
+        tmp = f / "study.json.tmp"
+        tmp.write_text(json.dumps(dataclasses.asdict(self), indent=2))
+        os.replace(tmp, f / "study.json")
+
+    @classmethod
+    def load(cls, name: str) -> "StudyRecord":
+        f = cls.folder(name) / "study.json"
+        if not f.is_file():
+            known = sorted(p.name for p in (home() / "studies").glob("*") if (p / "study.json").is_file()) \
+                if (home() / "studies").is_dir() else []
+            hint = f" (known: {', '.join(known[-10:])})" if known else " (no studies yet)"
+            raise InputError(f"study '{name}': not found{hint}")
+        return cls(**json.loads(f.read_text()))
+
+    @property
+    def study(self) -> StudyConfig:
+        return StudyConfig.model_validate(self.config)
+
+    @property
+    def experiment_path(self) -> str:
+        return f"{self.storage_path.rstrip('/')}/{self.name}"
+
+
+def latest_study() -> str:
+    root = home() / "studies"
+    recs = sorted(root.glob("*/study.json"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
+    if not recs:
+        raise InputError("no studies yet: start one with `qlora-tune run STUDY.yaml`")
+    return recs[-1].parent.name
+
+
+# ------------------------------------------------------------------ Ray
+
+
+def connect(address: str | None, runtime_env: dict | None = None) -> None:
+    import logging
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    env_vars = {k: os.environ[k] for k in ("QLORA_TUNE_HOME", "QLORA_TUNE_FAIL_TRIAL", "HF_HUB_OFFLINE")
+                if k in os.environ}
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False,
+             runtime_env={"env_vars": env_vars, **(runtime_env or {})}, configure_logging=True)
+
+
+def check_resources(study: StudyConfig, source: str, cluster: dict[str, float]) -> dict[str, float]:
+    """Resources per trial that this cluster can satisfy, or a clear error before any trial starts."""
+    r = study.resources_per_trial
+    gpus = r.workers * r.gpus_per_worker if r.workers > 1 else r.gpu
+    have_gpu, have_cpu = cluster.get("GPU", 0.0), cluster.get("CPU", 0.0)
+    if gpus > 0 and have_gpu == 0 and gpus < 1 and r.workers == 1:
+        console.print(f"[yellow]warning[/]: resources_per_trial.gpu={gpus} but the cluster has no GPU; trials run on CPU")
+        gpus = 0.0
+    elif gpus > have_gpu:
+        raise InputError(f"{source}: resources_per_trial: a trial needs {gpus:g} GPU(s) but the cluster has {have_gpu:g}")
+    cpus = r.cpu * r.workers
+    if cpus > have_cpu:
+        raise InputError(f"{source}: resources_per_trial.cpu: a trial needs {cpus:g} CPUs but the cluster has {have_cpu:g}")
+    return {"cpu": r.cpu, "gpu": gpus}
+
+
+def _local_gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+# ------------------------------------------------------------------ run / resume
+
+
+def _context(rec: StudyRecord, res: dict[str, float]) -> TrialContext:
+    s = rec.study
+    return TrialContext(study=rec.name, run_config=s.run_config().dump(), cpus_per_trial=res["cpu"],
+                        tracking_uri=rec.tracking_uri, experiment_id=rec.experiment_id,
+                        parent_run_id=rec.parent_run_id, metric=s.metric, max_epochs=s.scheduler.max_epochs,
+                        gpu_per_trial=res["gpu"])
+
+
+def _trainable(rec: StudyRecord, res: dict[str, float]):
+    from ray import tune
+
+    return tune.with_resources(tune.with_parameters(train_trial, ctx=_context(rec, res)), res)
+
+
+def run_study(path: Path, overrides: list[str], name: str | None, address: str | None) -> StudyRecord:
+    from ray import tune
+
+    study, space = load_study(path, overrides)
+    name = name or f"{Path(path).stem}-{datetime.now():%Y%m%d-%H%M%S}"
+    if not NAME_RE.match(name):
+        raise InputError(f"--name {name!r}: use letters, digits, '-', '_' and '.' (at most 100)")
+    if (StudyRecord.folder(name) / "study.json").exists():
+        raise InputError(f"study '{name}' already exists; continue it with `qlora-tune resume {name}` or pick another --name")
+    if address is None:  # a local cluster: what it will have is known before Ray starts
+        import psutil
+
+        check_resources(study, str(path), {"GPU": _local_gpus(), "CPU": psutil.cpu_count()})
+    from trainables.data import load_dataset
+
+    data = load_dataset(study.data)  # bad data fails here, before Ray starts
+    uri = tracking.resolve_tracking_uri(study.tracking.tracking_uri)
+    tracking.require_server(uri)
+    connect(address)
+    import ray
+
+    res = check_resources(study, str(path), ray.cluster_resources())
+    c = R.client(uri)
+    exp_id = tracking.experiment_id(c, study.tracking.experiment)
+    parent = c.create_run(exp_id, run_name=name, tags={
+        R.STUDY_TAG: name, R.KIND_TAG: "study", R.STATE_TAG: "running",
+        "data_fingerprint": data.fingerprint(), "versions": json.dumps(_versions()),
+    })
+    rec = StudyRecord(name=name, source=str(Path(path).resolve()), config=study.model_dump(mode="json"),
+                      tracking_uri=uri, experiment_id=exp_id, parent_run_id=parent.info.run_id,
+                      storage_path=study.storage or str(home() / "ray_results"),
+                      created=datetime.now().isoformat(timespec="seconds"), data_fingerprint=data.fingerprint())
+    rec.save()
+    R.log_params(c, rec.parent_run_id, {"study": {k: v for k, v in rec.config.items() if k != "search"},
+                                        "search_space": space.describe()})
+    c.log_text(rec.parent_run_id, json.dumps(rec.config, indent=2), "study_config.json")
+    c.log_text(rec.parent_run_id, json.dumps(space.describe(), indent=2), "search_space.json")
+    console.print(f"[bold]study[/] {name}: {study.num_trials} trials, approaches {space.approaches(study.approach)}, "
+                  f"{res} per trial; MLflow {uri} (experiment '{study.tracking.experiment}')")
+    tuner = tune.Tuner(_trainable(rec, res), tune_config=_tune_config(study, space),
+                       run_config=_run_config(rec, study))
+    return _fit(tuner, rec)
+
+
+def resume_study(name: str, address: str | None) -> StudyRecord:
+    from ray import tune
+
+    rec = StudyRecord.load(name)
+    if rec.state == "completed":
+        console.print(f"study {name} is already complete")
+        return rec
+    tracking.require_server(rec.tracking_uri) if rec.tracking_uri.startswith("http") else None
+    connect(address)
+    import ray
+
+    res = check_resources(rec.study, name, ray.cluster_resources())
+    if not tune.Tuner.can_restore(rec.experiment_path):
+        raise InputError(f"study '{name}': nothing to resume at {rec.experiment_path} (the driver died before Ray saved any state)")
+    c = R.client(rec.tracking_uri)
+    c.update_run(rec.parent_run_id, status="RUNNING")
+    c.set_tag(rec.parent_run_id, R.STATE_TAG, "running")
+    rec.state = "running"
+    rec.save()
+    console.print(f"[bold]resuming[/] {name} from {rec.experiment_path}")
+    tuner = tune.Tuner.restore(rec.experiment_path, trainable=_trainable(rec, res), resume_errored=True)
+    return _fit(tuner, rec)
+
+
+def _tune_config(study: StudyConfig, space):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from tuner.searcher import make_searcher
+
+    sch = study.scheduler
+    scheduler = (ASHAScheduler(time_attr="epoch", max_t=sch.max_epochs, grace_period=sch.grace_period,
+                               reduction_factor=sch.reduction_factor)
+                 if sch.type == "asha" else FIFOScheduler())
+    return tune.TuneConfig(
+        metric=study.metric, mode=study.mode, num_samples=study.num_trials, scheduler=scheduler,
+        search_alg=make_searcher(space, study.approach, study.seed, study.num_trials, sch.max_epochs,
+                                 study.metric, study.mode),
+        max_concurrent_trials=study.max_concurrent_trials, reuse_actors=False,
+    )
+
+
+def _run_config(rec: StudyRecord, study: StudyConfig):
+    from ray import tune
+
+    from tuner.callbacks import StudyCallback
+
+    return tune.RunConfig(
+        name=rec.name, storage_path=rec.storage_path, verbose=0,
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=study.keep_checkpoints,
+                                                checkpoint_score_attribute=study.metric,
+                                                checkpoint_score_order=study.mode),
+        failure_config=tune.FailureConfig(max_failures=study.max_failures),
+        callbacks=[StudyCallback(rec.name, rec.tracking_uri, rec.experiment_id, rec.parent_run_id, study.scheduler.max_epochs,
+                                 study.metric, study.mode)],
+    )
+
+
+def _fit(tuner, rec: StudyRecord) -> StudyRecord:
+    from tuner.summary import finalize_study
+
+    t0 = time.time()
+    interrupted = False
+    try:
+        results = tuner.fit()
+        unfinished = len(results) - results.num_terminated - results.num_errors
+        interrupted = unfinished > 0
+    except KeyboardInterrupt:
+        interrupted = True
+    except BaseException as e:
+        finalize_study(rec, interrupted=True, seconds=time.time() - t0, reason=f"{type(e).__name__}: {e}")
+        raise
+    finalize_study(rec, interrupted=interrupted, seconds=time.time() - t0)
+    if interrupted:
+        console.print(f"[yellow]study {rec.name} interrupted[/]; continue it with `qlora-tune resume {rec.name}`")
+        raise KeyboardInterrupt
+    return rec
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for p in ("qlora-tune", "ray", "torch", "transformers", "peft", "bitsandbytes", "optuna", "mlflow"):
+        try:
+            out[p] = version(p)
+        except PackageNotFoundError:
+            pass
+    return out

@@ -1,0 +1,172 @@
+"""Study summaries: the live table, the trials table from MLflow, the parent run's artifacts."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+from rich.table import Table
+
+from trainables import runlog as R
+from tuner.console import console
+
+SHOWN = ("training.learning_rate", "lora.r", "training.batch_size")
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if (abs(v) < 1e-2 or abs(v) >= 1e4) and v != 0 else f"{v:.4f}".rstrip("0").rstrip(".")
+    return "" if v is None else str(v)
+
+
+def live_table(trials, metric: str, mode: str, max_epochs: int) -> Table:
+    """Trials table from Ray's Trial objects (state, approach, key parameters, epochs, metric)."""
+    t = Table(title=f"trials ({metric}, {mode})", title_justify="left")
+    for col in ("trial", "state", "approach", "lr", "r", "batch", "epochs", metric):
+        t.add_column(col)
+    for tr in trials:
+        cfg = {k.split(":", 1)[-1]: v for k, v in tr.config.items()}
+        res = tr.last_result or {}
+        t.add_row(tr.trial_id, tr.status.lower(), str(cfg.get("approach", "")),
+                  *(_fmt(cfg.get(k)) for k in SHOWN),
+                  f"{res.get('epoch', 0)}/{max_epochs}", _fmt(res.get(metric)))
+    return t
+
+
+def study_rows(rec) -> pd.DataFrame:
+    """One row per trial run of the study, straight from MLflow."""
+    c = R.client(rec.tracking_uri)
+    study = rec.study
+    rows = []
+    for run in R.find_runs(c, rec.experiment_id, rec.name, "trial", parent_run_id=rec.parent_run_id):
+        hist = c.get_metric_history(run.info.run_id, study.metric)
+        by_step = {m.step: m.value for m in hist}
+        values = [by_step[s] for s in sorted(by_step)]
+        best = (max if study.mode == "max" else min)(values) if values else math.nan
+        row = {
+            "trial_id": run.data.tags.get(R.TRIAL_TAG), "run_id": run.info.run_id,
+            "state": run.data.tags.get(R.STATE_TAG, "?"), "status": run.info.status,
+            "approach": run.data.tags.get("approach"), "epochs": max(by_step) if by_step else 0,
+            f"last_{study.metric}": values[-1] if values else math.nan, f"best_{study.metric}": best,
+            "gpu_seconds": run.data.metrics.get("gpu_seconds", 0.0),
+            "reason": run.data.tags.get(R.REASON_TAG, ""),
+        }
+        row.update({k.removeprefix("search."): v for k, v in run.data.params.items() if k.startswith("search.")})
+        row["_history"] = [(s, by_step[s]) for s in sorted(by_step)]
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    return df.sort_values("trial_id").reset_index(drop=True) if len(df) else df
+
+
+def best_row(rec, df: pd.DataFrame):
+    col = f"best_{rec.study.metric}"
+    ok = df[df[col].notna()] if len(df) else df
+    if not len(ok):
+        return None
+    return ok.loc[ok[col].idxmax() if rec.study.mode == "max" else ok[col].idxmin()]
+
+
+def plot_metric_by_epoch(rec, df: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    for _, r in df.iterrows():
+        h = r["_history"]
+        if not h:
+            continue
+        xs, ys = zip(*h)
+        color = {"stopped_early": "tab:red", "errored": "tab:gray"}.get(r["state"], "tab:blue")
+        ax.plot(xs, ys, "-", color=color, alpha=0.6)
+        ax.plot(xs[-1], ys[-1], "x" if r["state"] == "stopped_early" else "o", color=color, ms=8)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(rec.study.metric)
+    ax.set_title(f"{rec.name}: {rec.study.metric} by epoch (x = stopped by ASHA, o = ran to the end)")
+    ax.set_xticks(range(1, rec.study.scheduler.max_epochs + 1))
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def compute_summary(rec, df: pd.DataFrame) -> dict:
+    s = rec.study
+    epochs = int(df["epochs"].sum()) if len(df) else 0
+    budget = s.num_trials * s.scheduler.max_epochs
+    counts = df["state"].value_counts().to_dict() if len(df) else {}
+    return {"trials": len(df), "states": counts, "epochs_run": epochs, "epochs_without_early_stopping": budget,
+            "compute_saved": 1 - epochs / budget if budget else 0.0,
+            "gpu_hours": float(df["gpu_seconds"].sum()) / 3600 if len(df) else 0.0}
+
+
+def finalize_study(rec, interrupted: bool, seconds: float, reason: str | None = None) -> None:
+    """Close what is still open and attach the study's artifacts to its parent run."""
+    c = R.client(rec.tracking_uri)
+    df = study_rows(rec)
+    for _, r in df.iterrows():
+        if r["status"] == "RUNNING":
+            c.set_tag(r["run_id"], R.STATE_TAG, "interrupted")
+            c.set_terminated(r["run_id"], "KILLED")
+    df = study_rows(rec)
+    summary = compute_summary(rec, df)
+    best = best_row(rec, df)
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        if len(df):
+            df.drop(columns=["_history"]).to_csv(d / "trials.csv", index=False)
+            plot_metric_by_epoch(rec, df, d / "metric_by_epoch.png")
+        (d / "summary.json").write_text(json.dumps({**summary, "seconds": seconds}, indent=2))
+        if best is not None:
+            try:
+                cfg_text = c.download_artifacts(best["run_id"], "model/config.yaml", str(d))
+                Path(cfg_text).rename(d / "best_config.yaml")
+            except Exception:  # noqa: BLE001 - best trial has no model folder yet
+                pass
+        c.log_artifacts(rec.parent_run_id, str(d))
+    metrics = {"epochs_run": summary["epochs_run"], "compute_saved": summary["compute_saved"],
+               "gpu_hours": summary["gpu_hours"], "wall_seconds": seconds}
+    if best is not None:
+        metrics[f"best_{rec.study.metric}"] = float(best[f"best_{rec.study.metric}"])
+        c.set_tag(rec.parent_run_id, "best_trial_id", str(best["trial_id"]))
+        c.set_tag(rec.parent_run_id, "best_run_id", str(best["run_id"]))
+    R.log_metrics(c, rec.parent_run_id, metrics, step=0)
+    state = "interrupted" if interrupted else "completed"
+    c.set_tag(rec.parent_run_id, R.STATE_TAG, state)
+    if reason:
+        c.set_tag(rec.parent_run_id, R.REASON_TAG, reason[:500])
+    c.set_terminated(rec.parent_run_id, "KILLED" if interrupted else "FINISHED")
+    rec.state = state
+    rec.save()
+    if not interrupted:
+        print_status(rec, df)
+
+
+def print_status(rec, df: pd.DataFrame | None = None) -> None:
+    s = rec.study
+    df = study_rows(rec) if df is None else df
+    summary = compute_summary(rec, df)
+    t = Table(title=f"study {rec.name} ({rec.state})", title_justify="left")
+    shown = [k for k in SHOWN if k in df.columns]
+    cols = ["trial_id", "state", "approach", *shown, "epochs", f"best_{s.metric}", "gpu_seconds", "reason"]
+    for col in cols:
+        t.add_column(col.removeprefix("training.").removeprefix("lora."))
+    for _, r in df.iterrows():
+        t.add_row(*(_fmt(r.get(col)) if not isinstance(r.get(col), float) or not math.isnan(r.get(col)) else ""
+                    for col in cols))
+    console.print(t)
+    best = best_row(rec, df)
+    if best is not None:
+        params = {k: best[k] for k in df.columns if ("." in k or k == "approach") and isinstance(best[k], str)}
+        console.print(f"[bold]best trial[/]: {best['trial_id']} ({best['approach']}), "
+                      f"{s.metric} {best[f'best_{s.metric}']:.4f} after {best['epochs']} epochs; run {best['run_id']}")
+        console.print("  " + ", ".join(f"{k}={v}" for k, v in sorted(params.items())))
+    console.print(f"[bold]compute[/]: {summary['epochs_run']} epochs run of {summary['epochs_without_early_stopping']} "
+                  f"without early stopping (saved {summary['compute_saved']:.0%}); "
+                  f"GPU-hours {summary['gpu_hours']:.3f}; states {summary['states']}")
+    console.print(f"[bold]MLflow[/]: {rec.tracking_uri} (parent run {rec.parent_run_id})")
