@@ -16,6 +16,7 @@ ARTIFACTS = ROOT / "test-artifacts"
 # One cache for the whole session (and across sessions locally): converted models are reused.
 os.environ.setdefault("QLORA_TUNE_HOME", str(ROOT / ".state" / "test-home"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray's token authentication stays on in tests too
 
 from tuner.console import quiet_libraries  # noqa: E402
 
@@ -66,8 +67,7 @@ TINY_DATA_ROWS = [
 @pytest.fixture
 def tiny_csv(tmp_path) -> Path:
     """A small learnable data set: texts ending in 'great' are pos, 'awful' neg (48 rows)."""
-    rows = ["text,label"] + [f'"{i}: {t}",{y}' for i in range(6) for t, y in TINY_DATA_ROWS]
-    return write(tmp_path / "tiny.csv", "\n".join(rows) + "\n")
+    return learnable_csv(tmp_path / "tiny.csv")
 
 
 def tiny_config(train: Path, **over) -> dict:
@@ -96,3 +96,61 @@ def yaml_file(tmp_path):
         return write(tmp_path / name, yaml.safe_dump(cfg))
 
     return make
+
+
+# ------------------------------------------------------------------ one Ray cluster, one MLflow server
+
+
+@pytest.fixture(scope="session")
+def mlflow_server():
+    """The embedded MLflow server over the test home, shared by every test."""
+    from tuner import tracking
+
+    url = tracking.embedded_server()
+    yield url
+    tracking.stop_embedded_server()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray cluster (``ray start --head``), shared by every test; yields its address."""
+    import shutil
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+                    "--num-cpus=2", "--num-gpus=0", "--disable-usage-stats"],
+                   check=True, env=env, capture_output=True, timeout=180)
+    yield f"127.0.0.1:{port}"
+    subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def learnable_csv(path: Path, repeats: int = 6) -> Path:
+    rows = ["text,label"] + [f'"{i}: {t}",{y}' for i in range(repeats) for t, y in TINY_DATA_ROWS]
+    return write(path, "\n".join(rows) + "\n")
+
+
+def tiny_study(train: Path, **over) -> dict:
+    cfg = tiny_config(train)
+    cfg.update({
+        "search": {
+            "approach": {"choice": ["head", "generation"]},
+            "training.learning_rate": {"loguniform": [1e-3, 1e-2]},
+            "lora.r": {"choice": [4, 8]},
+            "head": {"head.class_weights": {"choice": ["none", "balanced"]}},
+        },
+        "scheduler": {"max_epochs": 4, "grace_period": 1, "reduction_factor": 2},
+        "num_trials": 6, "max_concurrent_trials": 2, "resources_per_trial": {"cpu": 1},
+    })
+    cfg["lora"] = {"r": 4, "alpha": 8, "dropout": 0.0}
+    for k, v in over.items():
+        node = cfg
+        parts = k.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = v
+    return cfg

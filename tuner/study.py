@@ -86,8 +86,18 @@ def connect(address: str | None, runtime_env: dict | None = None) -> None:
         return
     env_vars = {k: os.environ[k] for k in ("QLORA_TUNE_HOME", "QLORA_TUNE_FAIL_TRIAL", "HF_HUB_OFFLINE")
                 if k in os.environ}
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False,
-             runtime_env={"env_vars": env_vars, **(runtime_env or {})}, configure_logging=True)
+    if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN")
+                                               or (Path.home() / ".ray" / "auth_token").is_file()):
+        os.environ["RAY_AUTH_MODE"] = "token"  # as `ray start` does: token auth stays on
+    kw = {}
+    host = (address or "").removeprefix("ray://").split(":")[0]
+    if host in ("127.0.0.1", "localhost"):
+        kw["_node_ip_address"] = "127.0.0.1"  # a loopback-only cluster: join it as a loopback node
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False,
+                 runtime_env={"env_vars": env_vars, **(runtime_env or {})}, configure_logging=True, **kw)
+    except ConnectionError as e:
+        raise InputError(f"--address {address}: cannot connect to a Ray cluster ({str(e).splitlines()[0]})") from None
 
 
 def check_resources(study: StudyConfig, source: str, cluster: dict[str, float]) -> dict[str, float]:

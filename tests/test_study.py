@@ -1,0 +1,125 @@
+"""Studies on a real Ray cluster with a real MLflow server: search, ASHA, tracking, resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import ROOT, learnable_csv, run_cli, tiny_study
+from trainables import runlog as R
+
+
+def _children(rec):
+    c = R.client(rec.tracking_uri)
+    return c, R.find_runs(c, rec.experiment_id, rec.name, "trial", parent_run_id=rec.parent_run_id)
+
+
+def test_study_over_both_approaches_with_asha(tmp_path, yaml_file, ray_cluster, mlflow_server):
+    study = yaml_file(tiny_study(learnable_csv(tmp_path / "d.csv")), name="study.yaml")
+    p = run_cli("run", study, "--name", "both-approaches", "--address", ray_cluster, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    from tuner.study import StudyRecord
+
+    rec = StudyRecord.load("both-approaches")
+    c, runs = _children(rec)
+    assert len(runs) == 6
+    assert {r.data.tags["approach"] for r in runs} == {"head", "generation"}
+    states = [r.data.tags[R.STATE_TAG] for r in runs]
+    assert "stopped_early" in states and "completed" in states, states
+    assert all(r.info.status == "FINISHED" for r in runs)
+    for r in runs:
+        steps = sorted(m.step for m in c.get_metric_history(r.info.run_id, "eval_f1_macro"))
+        assert steps == list(range(1, len(steps) + 1)) and steps, steps  # one point per epoch
+        want = 4 if r.data.tags[R.STATE_TAG] == "completed" else len(steps)
+        assert len(steps) == want
+        arts = {a.path for a in c.list_artifacts(r.info.run_id, "model")}
+        assert "model/adapter" in arts and "model/plots" in arts, arts
+    parent = c.get_run(rec.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["best_trial_id"]
+    assert {"trials.csv", "metric_by_epoch.png", "best_config.yaml", "summary.json"} <= \
+        {a.path for a in c.list_artifacts(rec.parent_run_id)}
+    s = run_cli("status", "both-approaches")
+    assert s.returncode == 0 and "best trial" in s.stdout and "saved" in s.stdout, s.stdout + s.stderr
+    best = parent.data.tags["best_trial_id"]
+    assert best in s.stdout
+
+
+def test_driver_sigkill_then_resume_completes_with_one_run_per_trial(tmp_path, yaml_file, ray_cluster, mlflow_server):
+    cfg = tiny_study(learnable_csv(tmp_path / "d.csv", repeats=40), num_trials=4,
+                     **{"scheduler.type": "none", "scheduler.max_epochs": 3})
+    cfg["search"] = {"approach": {"choice": ["head"]}, "training.learning_rate": {"loguniform": [1e-3, 1e-2]}}
+    study = yaml_file(cfg, name="study.yaml")
+    env = {**os.environ}
+    proc = subprocess.Popen([sys.executable, "-m", "tuner.cli", "run", str(study), "--name", "killed",
+                             "--address", ray_cluster], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    from tuner.study import StudyRecord
+
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait until a trial has finished and Ray has saved state
+        try:
+            rec = StudyRecord.load("killed")
+            _, runs = _children(rec)
+            if any(r.data.tags.get(R.STATE_TAG) == "completed" for r in runs):
+                break
+        except Exception:  # noqa: BLE001 - not created yet
+            pass
+        time.sleep(1)
+    time.sleep(11)  # Ray snapshots the experiment state about every 10 s
+    assert proc.poll() is None, "the study finished before it could be killed; make it longer"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    _, before = _children(rec)
+    done_before = {r.data.tags[R.TRIAL_TAG] for r in before if r.data.tags.get(R.STATE_TAG) == "completed"}
+    p = run_cli("resume", "killed", "--address", ray_cluster, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rec = StudyRecord.load("killed")
+    c, runs = _children(rec)
+    ids = [r.data.tags[R.TRIAL_TAG] for r in runs]
+    assert len(ids) == len(set(ids)) == 4, ids
+    assert all(r.info.status == "FINISHED" and r.data.tags[R.STATE_TAG] == "completed" for r in runs)
+    for r in runs:  # finished trials were not run again: their metric history has one point per epoch
+        hist = c.get_metric_history(r.info.run_id, "train_loss")
+        if r.data.tags[R.TRIAL_TAG] in done_before:
+            assert sorted(m.step for m in hist) == [1, 2, 3]
+    assert c.get_run(rec.parent_run_id).info.status == "FINISHED"
+
+
+INVALID = [
+    ("unknown-key", {"schedular": {}}, "schedular: unknown key (did you mean 'scheduler'?)"),
+    ("bad-distribution", {"search": {"training.learning_rate": {"lognormal": [1, 2]}}}, "unknown distribution 'lognormal'"),
+    ("inverted-bounds", {"search": {"training.learning_rate": {"loguniform": [1e-2, 1e-4]}}}, "must be below high"),
+    ("unknown-search-key", {"search": {"training.lr": {"choice": [1]}}}, "search.training.lr: not a key of the run config"),
+    ("invalid-choice-value", {"search": {"lora.r": {"choice": [8, 0]}}}, "value 0 is invalid"),
+    ("misplaced-conditional", {"search": {"approach": {"choice": ["head", "generation"]},
+                                          "head.class_weights": {"choice": ["none"]}}}, "put it under search.head"),
+    ("empty-space", {"search": {}}, "empty search space"),
+    ("grace-over-max", {"scheduler": {"max_epochs": 2, "grace_period": 3}}, "grace_period (3) must not exceed max_epochs (2)"),
+    ("gpu-on-cpu-cluster", {"resources_per_trial": {"cpu": 1, "gpu": 1}}, "needs 1 GPU(s) but the cluster has 0"),
+    ("bad-data", {"data": {"train": "/no/such.csv"}}, "/no/such.csv: data file not found"),
+]
+
+
+@pytest.mark.parametrize("over,expect", [(i[1], i[2]) for i in INVALID], ids=[i[0] for i in INVALID])
+def test_invalid_study_exits_2_before_ray_starts(tmp_path, yaml_file, cli, over, expect):
+    import ray
+
+    cfg = tiny_study(learnable_csv(tmp_path / "d.csv"))
+    cfg.update(over)
+    code, out, err = cli("run", yaml_file(cfg), "--name", "never")
+    assert code == 2, out + err
+    assert expect in err and len(err.strip().splitlines()) == 1, err
+    assert not ray.is_initialized()
+
+
+def test_fractional_gpu_on_cpu_cluster_warns_and_runs_on_cpu():
+    from tuner.study import check_resources
+    from tuner.study_config import StudyConfig
+
+    s = StudyConfig.model_validate({"data": {"train": "x.csv"}, "resources_per_trial": {"cpu": 1, "gpu": 0.25}})
+    assert check_resources(s, "s.yaml", {"CPU": 2.0})["gpu"] == 0.0
