@@ -13,8 +13,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data" / "twitter-financial-news"
 ARTIFACTS = ROOT / "test-artifacts"
 
-# One cache for the whole session (and across sessions locally): converted models are reused.
+# One home for the whole session; converted models are kept across sessions, study state is not.
 os.environ.setdefault("QLORA_TUNE_HOME", str(ROOT / ".state" / "test-home"))
+for _stale in ("studies", "mlflow", "ray_results"):
+    import shutil as _sh
+
+    _sh.rmtree(Path(os.environ["QLORA_TUNE_HOME"]) / _stale, ignore_errors=True)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray's token authentication stays on in tests too
 

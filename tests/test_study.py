@@ -19,13 +19,23 @@ def _children(rec):
     return c, R.find_runs(c, rec.experiment_id, rec.name, "trial", parent_run_id=rec.parent_run_id)
 
 
-def test_study_over_both_approaches_with_asha(tmp_path, yaml_file, ray_cluster, mlflow_server):
-    study = yaml_file(tiny_study(learnable_csv(tmp_path / "d.csv")), name="study.yaml")
+@pytest.fixture(scope="module")
+def finished_study(tmp_path_factory, ray_cluster, mlflow_server):
+    """One study of 6 trials over both approaches with ASHA, shared by the tests that read it."""
+    import yaml
+
+    d = tmp_path_factory.mktemp("study")
+    study = d / "study.yaml"
+    study.write_text(yaml.safe_dump(tiny_study(learnable_csv(d / "d.csv"))))
     p = run_cli("run", study, "--name", "both-approaches", "--address", ray_cluster, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     from tuner.study import StudyRecord
 
-    rec = StudyRecord.load("both-approaches")
+    return StudyRecord.load("both-approaches")
+
+
+def test_study_over_both_approaches_with_asha(finished_study):
+    rec = finished_study
     c, runs = _children(rec)
     assert len(runs) == 6
     assert {r.data.tags["approach"] for r in runs} == {"head", "generation"}
@@ -123,3 +133,39 @@ def test_fractional_gpu_on_cpu_cluster_warns_and_runs_on_cpu():
 
     s = StudyConfig.model_validate({"data": {"train": "x.csv"}, "resources_per_trial": {"cpu": 1, "gpu": 0.25}})
     assert check_resources(s, "s.yaml", {"CPU": 2.0})["gpu"] == 0.0
+
+
+def test_mlflow_ui_shows_the_study_and_its_trials(finished_study):
+    """Headless Chromium opens the MLflow UI: the parent run is listed and expands to its trials."""
+    import shutil
+
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        pytest.skip("chromium/chromedriver not installed (Debian packages chromium, chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.conftest import ARTIFACTS
+
+    rec = finished_study
+    c, runs = _children(rec)
+    opts = webdriver.ChromeOptions()
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+              "--disable-dev-shm-usage", "--window-size=1600,1000"):
+        opts.add_argument(a)
+    drv = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
+    try:
+        drv.get(f"{rec.tracking_uri}/#/experiments/{rec.experiment_id}/runs")
+        wait = WebDriverWait(drv, 90)
+        link = wait.until(EC.presence_of_element_located((By.XPATH, f"//a[normalize-space()='{rec.name}']")))
+        row = link.find_element(By.XPATH, "./ancestor::div[contains(@class,'ag-row')]")
+        row.find_elements(By.TAG_NAME, "button")[0].click()  # expand the parent's child runs
+        for r in runs:
+            wait.until(EC.presence_of_element_located((By.XPATH, f"//a[normalize-space()='{r.info.run_name}']")))
+    finally:
+        ARTIFACTS.mkdir(exist_ok=True)
+        drv.save_screenshot(str(ARTIFACTS / "mlflow-ui-study.png"))
+        drv.quit()

@@ -109,7 +109,8 @@ def experiment_id(c, name: str) -> str:
             c.restore_experiment(exp.experiment_id)
         return exp.experiment_id
     try:
-        return c.create_experiment(name)
+        # the "model training" view of the MLflow UI (runs table), not the GenAI overview
+        return c.create_experiment(name, tags={"mlflow.experimentKind": "custom_model_development"})
     except Exception:  # noqa: BLE001 - created concurrently
         return c.get_experiment_by_name(name).experiment_id
 
