@@ -158,3 +158,18 @@ def tiny_study(train: Path, **over) -> dict:
             node = node.setdefault(p, {})
         node[parts[-1]] = v
     return cfg
+
+
+@pytest.fixture(scope="session")
+def finished_study(tmp_path_factory, ray_cluster, mlflow_server):
+    """One study of 6 trials over both approaches with ASHA, shared by the tests that read it."""
+    import yaml
+
+    d = tmp_path_factory.mktemp("study")
+    study = d / "study.yaml"
+    study.write_text(yaml.safe_dump(tiny_study(learnable_csv(d / "d.csv"))))
+    p = run_cli("run", study, "--name", "both-approaches", "--address", ray_cluster, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    from tuner.study import StudyRecord
+
+    return StudyRecord.load("both-approaches")

@@ -19,21 +19,6 @@ def _children(rec):
     return c, R.find_runs(c, rec.experiment_id, rec.name, "trial", parent_run_id=rec.parent_run_id)
 
 
-@pytest.fixture(scope="module")
-def finished_study(tmp_path_factory, ray_cluster, mlflow_server):
-    """One study of 6 trials over both approaches with ASHA, shared by the tests that read it."""
-    import yaml
-
-    d = tmp_path_factory.mktemp("study")
-    study = d / "study.yaml"
-    study.write_text(yaml.safe_dump(tiny_study(learnable_csv(d / "d.csv"))))
-    p = run_cli("run", study, "--name", "both-approaches", "--address", ray_cluster, timeout=900)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    from tuner.study import StudyRecord
-
-    return StudyRecord.load("both-approaches")
-
-
 def test_study_over_both_approaches_with_asha(finished_study):
     rec = finished_study
     c, runs = _children(rec)

@@ -41,7 +41,10 @@ def report(y_true, y_pred, names: list[str]) -> dict:
 
 
 def plot_confusion(cm: list[list[int]], names: list[str], title: str, path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # minimal images (e.g. a GPU worker without matplotlib): JSON only
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

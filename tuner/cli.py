@@ -100,6 +100,48 @@ def ui(
     console.print(f"MLflow UI: {url}  (bound to 127.0.0.1; stop with `qlora-tune ui --stop`)")
 
 
+@app.command()
+def promote(
+    name: Annotated[str, typer.Argument(help="Study name.")],
+    metric: Annotated[Optional[str], typer.Option(help="Pick the best trial by this metric (default: the study's).")] = None,
+    model_name: Annotated[Optional[str], typer.Option("--model-name", help="Registered model name (default: qlora-tune-STUDY).")] = None,
+    alias: Annotated[str, typer.Option(help="Alias to point at the new version.")] = "champion",
+    force: Annotated[bool, typer.Option(help="Move the alias even if the current holder is better on test.")] = False,
+):
+    """Evaluate the best trial on the test split, register it in MLflow and set the alias."""
+    from tuner.promote import promote as do_promote
+
+    do_promote(name, metric, model_name, alias, force)
+
+
+@app.command()
+def serve(
+    model: Annotated[str, typer.Argument(help="Output folder, runs:/RUN/model or models:/NAME@ALIAS.")],
+    port: Annotated[int, typer.Option(help="Port.")] = 8080,
+    host: Annotated[str, typer.Option(help="Interface; anything but loopback needs --insecure.")] = "127.0.0.1",
+    insecure: Annotated[bool, typer.Option(help="Allow serving beyond loopback without authentication.")] = False,
+    max_texts: Annotated[int, typer.Option(help="Most texts per request.")] = 256,
+    max_text_chars: Annotated[int, typer.Option(help="Longest text accepted.")] = 20_000,
+):
+    """Serve a classifier over HTTP: POST /predict {"texts": [...]}."""
+    from tuner.serve import Limits
+    from tuner.serve import serve as do_serve
+
+    do_serve(model, host, port, insecure, Limits(max_texts=max_texts, max_text_chars=max_text_chars))
+
+
+@app.command()
+def demo(
+    name: Annotated[Optional[str], typer.Option("--name", help="Study name (default: demo + time).")] = None,
+    set_: SetOpt = None,
+):
+    """The product in one command: search both approaches on the embedded model and demo data,
+    promote the winner, classify with models:/qlora-tune-demo@champion."""
+    from tuner.demo import run_demo
+
+    run_demo(name, set_ or [])
+
+
 def main(argv: list[str] | None = None) -> None:
     quiet_libraries()
     try:

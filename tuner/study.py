@@ -86,9 +86,15 @@ def connect(address: str | None, runtime_env: dict | None = None) -> None:
         return
     env_vars = {k: os.environ[k] for k in ("QLORA_TUNE_HOME", "QLORA_TUNE_FAIL_TRIAL", "HF_HUB_OFFLINE")
                 if k in os.environ}
-    if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN")
-                                               or (Path.home() / ".ray" / "auth_token").is_file()):
-        os.environ["RAY_AUTH_MODE"] = "token"  # as `ray start` does: token auth stays on
+    if address:  # joining a cluster: use its token if one is here, as `ray start` does
+        try:
+            from ray._private.authentication.authentication_token_setup import (
+                maybe_enable_token_auth_if_token_available,
+            )
+
+            maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+        except ImportError:  # older Ray: no token authentication
+            pass
     kw = {}
     host = (address or "").removeprefix("ray://").split(":")[0]
     if host in ("127.0.0.1", "localhost"):

@@ -1,0 +1,102 @@
+"""``qlora-tune promote``: best trial -> test-split check -> pyfunc model -> registry + alias."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from trainables import runlog as R
+from trainables.errors import InputError
+from tuner.console import console
+
+
+def promote(name: str, metric: str | None, model_name: str | None, alias: str, force: bool) -> dict:
+    import mlflow
+
+    from trainables.data import load_dataset
+    from trainables.metrics import report, write_reports
+    from trainables.predict import Classifier
+    from tuner.registry import log_classifier
+    from tuner.study import StudyRecord
+    from tuner.summary import study_rows
+
+    rec = StudyRecord.load(name)
+    study = rec.study
+    metric = metric or study.metric
+    mode = "min" if metric.endswith("loss") else "max"
+    df = study_rows(rec)
+    col = f"best_{metric}"
+    if not len(df):
+        raise InputError(f"study '{name}': has no trials yet")
+    if col not in df.columns:
+        if metric != study.metric:
+            df[col] = [_best_of(rec, r, metric, mode) for r in df["run_id"]]
+        else:
+            raise InputError(f"--metric {metric}: not recorded by study '{name}'")
+    df = df[df[col].notna() & df["state"].isin(["completed", "stopped_early"])]
+    if not len(df):
+        raise InputError(f"study '{name}': no finished trial with {metric} to promote")
+    best = df.loc[df[col].idxmax() if mode == "max" else df[col].idxmin()]
+    c = R.client(rec.tracking_uri)
+    data = load_dataset(study.data)
+    if data.test is None:
+        raise InputError(f"study '{name}': the data has no test split (set data.test or data.split.test)")
+    model_name = model_name or f"qlora-tune-{name}"
+    with tempfile.TemporaryDirectory(prefix="qlt-promote-") as d:
+        folder = Path(c.download_artifacts(best["run_id"], "model", d))
+        console.print(f"evaluating trial {best['trial_id']} ({best['approach']}, eval {metric} {best[col]:.4f}) "
+                      f"on the test split ({len(data.test)} rows)")
+        clf = Classifier(folder)
+        pred = clf.predict(data.test.texts)
+        rep = report(data.test.labels, pred.probabilities.argmax(1), data.label_names)
+        key = metric.removeprefix("eval_")
+        test_value = rep[key] if key != "loss" else None
+        if test_value is None:  # loss: use accuracy for the guard
+            key, test_value = "accuracy", rep["accuracy"]
+        _guard(c, model_name, alias, f"test_{key}", test_value, force)
+        mlflow.set_tracking_uri(rec.tracking_uri)
+        tags = {R.STUDY_TAG: name, R.KIND_TAG: "promotion", "mlflow.parentRunId": rec.parent_run_id,
+                "trial_id": str(best["trial_id"]), "trial_run_id": best["run_id"],
+                "data_fingerprint": rec.data_fingerprint, "approach": str(best["approach"])}
+        with mlflow.start_run(experiment_id=rec.experiment_id, run_name=f"promote {best['trial_id']}", tags=tags) as run:
+            mlflow.log_metrics({f"test_{k}": rep[k] for k in ("accuracy", "f1_macro", "balanced_accuracy")})
+            mlflow.log_metric(f"eval_{metric.removeprefix('eval_')}", float(best[col]))
+            plots = Path(d) / "test-plots"
+            write_reports({"test": rep}, plots)
+            mlflow.log_artifacts(str(plots), "test")
+            info = log_classifier(folder)
+        mv = mlflow.register_model(info.model_uri, model_name, tags={
+            "study": name, "trial_id": str(best["trial_id"]), "trial_run_id": best["run_id"],
+            "promotion_run_id": run.info.run_id, "data_fingerprint": rec.data_fingerprint,
+            "approach": str(best["approach"]), f"test_{key}": f"{test_value:.6f}",
+            "test_accuracy": f"{rep['accuracy']:.6f}", metric: f"{float(best[col]):.6f}",
+        })
+    c.set_registered_model_alias(model_name, alias, mv.version)
+    console.print(f"[bold]registered[/] {model_name} version {mv.version} as @{alias}: "
+                  f"test accuracy {rep['accuracy']:.4f}, macro-F1 {rep['f1_macro']:.4f}")
+    console.print(f"use it: qlora-tune predict --model models:/{model_name}@{alias} --text \"...\"")
+    return {"model_name": model_name, "version": mv.version, "alias": alias, "test": rep,
+            "uri": f"models:/{model_name}@{alias}"}
+
+
+def _best_of(rec, run_id: str, metric: str, mode: str) -> float | None:
+    hist = R.client(rec.tracking_uri).get_metric_history(run_id, metric)
+    vals = [m.value for m in hist]
+    return (max if mode == "max" else min)(vals) if vals else None
+
+
+def _guard(c, model_name: str, alias: str, key: str, value: float, force: bool) -> None:
+    """Refuse to move ``alias`` to a model worse on the test split than its holder (unless forced)."""
+    try:
+        holder = c.get_model_version_by_alias(model_name, alias)
+    except Exception:  # noqa: BLE001 - no such model or alias yet
+        return
+    theirs = holder.tags.get(key)
+    if theirs is None:
+        return
+    if value < float(theirs) and not force:
+        raise InputError(
+            f"{model_name}@{alias} (version {holder.version}) has {key} {float(theirs):.4f}; this trial has "
+            f"{value:.4f}: not moving the alias (pass --force to promote anyway)"
+        )

@@ -1,0 +1,80 @@
+"""Logging a trained folder as an MLflow pyfunc model, and getting folders back from MLflow refs."""
+
+from __future__ import annotations
+
+import tempfile
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from trainables.errors import InputError
+
+MODEL_DIR_ARTIFACT = "model_dir"
+
+
+def pip_requirements() -> list[str]:
+    """Explicit requirements of the pyfunc model (the versions it was logged with)."""
+    reqs = []
+    for p in ("qlora-tune", "torch", "transformers", "peft", "bitsandbytes", "safetensors", "accelerate",
+              "pandas", "scikit-learn", "pyyaml", "gguf", "mlflow"):
+        try:
+            reqs.append(f"{p}=={version(p)}")
+        except PackageNotFoundError:
+            pass
+    return reqs
+
+
+def log_classifier(folder: Path, name: str = "model"):
+    """Log ``folder`` (output-folder layout) as a pyfunc model in the active run; returns ModelInfo."""
+    import mlflow
+    import pandas as pd
+
+    from trainables import pyfunc_model
+    from trainables.predict import Classifier
+
+    example = pd.DataFrame({"text": ["I love it.", "This is terrible."]})
+    out = pd.DataFrame(Classifier(folder).predict(example["text"].tolist()).records())
+    signature = mlflow.models.infer_signature(example, out)
+    return mlflow.pyfunc.log_model(
+        name=name, python_model=pyfunc_model.__file__, artifacts={MODEL_DIR_ARTIFACT: str(folder)},
+        pip_requirements=pip_requirements(), signature=signature, input_example=example,
+    )
+
+
+def _tracking_uri() -> str:
+    import os
+
+    from tuner import tracking
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking.embedded_server(start=False)
+    if not uri:
+        raise InputError("no MLflow server: set MLFLOW_TRACKING_URI or start the embedded one with `qlora-tune ui`")
+    return uri
+
+
+def download_model_folder(ref: str) -> Path:
+    """``runs:/RUN_ID/PATH`` or ``models:/NAME@ALIAS`` (or ``/VERSION``) -> local output folder."""
+    import mlflow
+
+    mlflow.set_tracking_uri(_tracking_uri())
+    dest = Path(tempfile.mkdtemp(prefix="qlora-tune-model-"))
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(dest)))
+    except Exception as e:  # noqa: BLE001 - MlflowException, RestException, missing run/model/alias
+        msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        raise InputError(f"--model {ref}: cannot load from MLflow ({msg})") from None
+    return model_dir_of(local, ref)
+
+
+def model_dir_of(local: Path, ref: str) -> Path:
+    """The output folder inside a downloaded pyfunc model, as its MLmodel file names it."""
+    import yaml
+
+    mlmodel = local / "MLmodel"
+    try:
+        conf = yaml.safe_load(mlmodel.read_text())["flavors"]["python_function"]
+        folder = local / conf["artifacts"][MODEL_DIR_ARTIFACT]["path"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        raise InputError(f"--model {ref}: not a qlora-tune model (no '{MODEL_DIR_ARTIFACT}' artifact in its MLmodel)") from None
+    if not folder.is_dir():
+        raise InputError(f"--model {ref}: the model's '{MODEL_DIR_ARTIFACT}' folder is missing")
+    return folder
