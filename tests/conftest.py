@@ -115,6 +115,16 @@ def mlflow_server():
     tracking.stop_embedded_server()
 
 
+def ray_cli() -> str:
+    """The ``ray`` command of this environment, with a token for Ray's token authentication
+    (``ray start`` with RAY_AUTH_MODE=token refuses to start without one on a fresh machine)."""
+    import shutil
+
+    ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+    subprocess.run([ray_bin, "get-auth-token", "--generate"], check=True, capture_output=True, timeout=120)
+    return ray_bin
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real local Ray cluster (``ray start --head``), shared by every test; yields its address."""
@@ -124,7 +134,7 @@ def ray_cluster():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+    ray_bin = ray_cli()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
                     "--num-cpus=2", "--num-gpus=0", "--disable-usage-stats"],

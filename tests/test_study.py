@@ -154,3 +154,147 @@ def test_mlflow_ui_shows_the_study_and_its_trials(finished_study):
         ARTIFACTS.mkdir(exist_ok=True)
         drv.save_screenshot(str(ARTIFACTS / "mlflow-ui-study.png"))
         drv.quit()
+
+
+def _wait_for(pred, timeout=300, every=1.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            v = pred()
+            if v:
+                return v
+        except Exception:  # noqa: BLE001 - not there yet
+            pass
+        time.sleep(every)
+    raise AssertionError("timed out waiting")
+
+
+def test_killed_trial_worker_resumes_from_its_checkpoint(tmp_path, yaml_file, ray_cluster, mlflow_server):
+    """SIGKILL the process running a trial mid-training: Ray restarts the trial from its last
+    checkpoint and MLflow keeps one run for it with one point per epoch."""
+    cfg = tiny_study(learnable_csv(tmp_path / "d.csv", repeats=60), num_trials=1, max_failures=2,
+                     **{"scheduler.type": "none", "scheduler.max_epochs": 4})
+    cfg["search"] = {"training.learning_rate": {"loguniform": [1e-3, 1e-2]}}
+    proc = subprocess.Popen([sys.executable, "-m", "tuner.cli", "run", str(yaml_file(cfg)), "--name", "worker-kill",
+                             "--address", ray_cluster], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    from tuner.study import StudyRecord
+
+    def trained_one_epoch():
+        rec = StudyRecord.load("worker-kill")
+        c, runs = _children(rec)
+        if runs and c.get_metric_history(runs[0].info.run_id, "train_loss"):
+            return runs[0]
+    run = _wait_for(trained_one_epoch)
+    pid = int(run.data.tags[R.PID_TAG])
+    os.kill(pid, signal.SIGKILL)
+    assert proc.wait(timeout=900) == 0
+    rec = StudyRecord.load("worker-kill")
+    c, runs = _children(rec)
+    assert len(runs) == 1
+    r = c.get_run(runs[0].info.run_id)
+    assert r.data.tags[R.STATE_TAG] == "completed" and r.data.tags.get("resumed") == "true"
+    assert int(r.data.tags[R.PID_TAG]) != pid
+    steps = sorted(m.step for m in c.get_metric_history(r.info.run_id, "train_loss"))
+    assert sorted(set(steps)) == [1, 2, 3, 4], steps
+
+
+def test_failing_trial_is_errored_with_reason_and_the_study_goes_on(tmp_path, yaml_file, ray_cluster, mlflow_server):
+    cfg = tiny_study(learnable_csv(tmp_path / "d.csv"), num_trials=4, max_failures=0,
+                     **{"scheduler.type": "none", "scheduler.max_epochs": 1})
+    cfg["search"] = {"approach": {"choice": ["head"]},
+                     "lora.target_modules": {"choice": [["q_proj", "v_proj"], ["no_such_proj"]]}}
+    p = run_cli("run", yaml_file(cfg), "--name", "with-errors", "--address", ray_cluster, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    from tuner.study import StudyRecord
+
+    rec = StudyRecord.load("with-errors")
+    c, runs = _children(rec)
+    assert len(runs) == 4
+    states = {r.data.tags[R.STATE_TAG] for r in runs}
+    assert {"errored", "completed"} <= states, states
+    for r in runs:
+        if r.data.tags[R.STATE_TAG] == "errored":
+            assert r.info.status == "FAILED" and "no_such_proj" in r.data.tags[R.REASON_TAG]
+    s = run_cli("status", "with-errors")
+    assert s.returncode == 0 and "errored" in s.stdout
+
+
+def test_ctrl_c_stops_cleanly_and_the_study_resumes(tmp_path, yaml_file, ray_cluster, mlflow_server):
+    cfg = tiny_study(learnable_csv(tmp_path / "d.csv", repeats=40), num_trials=3,
+                     **{"scheduler.type": "none", "scheduler.max_epochs": 3})
+    cfg["search"] = {"approach": {"choice": ["head"]}, "training.learning_rate": {"loguniform": [1e-3, 1e-2]}}
+    proc = subprocess.Popen([sys.executable, "-m", "tuner.cli", "run", str(yaml_file(cfg)), "--name", "ctrl-c",
+                             "--address", ray_cluster], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    from tuner.study import StudyRecord
+
+    def first_epoch():
+        rec = StudyRecord.load("ctrl-c")
+        c, runs = _children(rec)
+        return any(c.get_metric_history(r.info.run_id, "train_loss") for r in runs)
+    _wait_for(first_epoch)
+    time.sleep(11)  # let Ray snapshot the experiment state once
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out[-3000:]
+    assert "qlora-tune resume ctrl-c" in out
+    rec = StudyRecord.load("ctrl-c")
+    c, runs = _children(rec)
+    assert c.get_run(rec.parent_run_id).info.status == "KILLED"
+    assert all(r.info.status != "RUNNING" for r in runs), "no run is left RUNNING"
+    p = run_cli("resume", "ctrl-c", "--address", ray_cluster, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    c, runs = _children(StudyRecord.load("ctrl-c"))
+    assert len(runs) == 3 and all(r.data.tags[R.STATE_TAG] == "completed" for r in runs)
+    assert c.get_run(rec.parent_run_id).info.status == "FINISHED"
+
+
+def test_two_studies_at_once_keep_their_runs_apart(tmp_path, yaml_file, ray_cluster, mlflow_server):
+    cfg = tiny_study(learnable_csv(tmp_path / "d.csv"), num_trials=2, max_concurrent_trials=1,
+                     **{"scheduler.type": "none", "scheduler.max_epochs": 1})
+    cfg["search"] = {"approach": {"choice": ["head"]}, "training.learning_rate": {"loguniform": [1e-3, 1e-2]}}
+    f = yaml_file(cfg)
+    procs = [subprocess.Popen([sys.executable, "-m", "tuner.cli", "run", str(f), "--name", n, "--address", ray_cluster],
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for n in ("twin-a", "twin-b")]
+    assert [p.wait(timeout=900) for p in procs] == [0, 0]
+    from tuner.study import StudyRecord
+
+    ids = []
+    for n in ("twin-a", "twin-b"):
+        rec = StudyRecord.load(n)
+        c, runs = _children(rec)
+        assert len(runs) == 2 and all(r.data.tags[R.STUDY_TAG] == n for r in runs)
+        ids += [r.info.run_id for r in runs]
+    assert len(set(ids)) == 4
+
+
+def test_mlflow_server_away_mid_study_loses_no_metric(tmp_path, yaml_file, ray_cluster, mlflow_server):
+    """Stop the tracking server after the first epoch, bring it back on the same port: the trial
+    keeps training, and every epoch ends up in its run."""
+    import json as _json
+
+    from tuner import tracking
+    from trainables.paths import home
+
+    cfg = tiny_study(learnable_csv(tmp_path / "d.csv", repeats=60), num_trials=1,
+                     **{"scheduler.type": "none", "scheduler.max_epochs": 5})
+    cfg["search"] = {"training.learning_rate": {"loguniform": [1e-3, 1e-2]}}
+    proc = subprocess.Popen([sys.executable, "-m", "tuner.cli", "run", str(yaml_file(cfg)), "--name", "mlflow-away",
+                             "--address", ray_cluster], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    from tuner.study import StudyRecord
+
+    def first_epoch():
+        rec = StudyRecord.load("mlflow-away")
+        c, runs = _children(rec)
+        return runs and c.get_metric_history(runs[0].info.run_id, "train_loss")
+    _wait_for(first_epoch)
+    port = _json.loads((home() / "mlflow" / "server.json").read_text())["port"]
+    assert tracking.stop_embedded_server()
+    time.sleep(12)  # the trial trains on while its metrics cannot be logged
+    assert tracking.embedded_server(port=port) == mlflow_server
+    assert proc.wait(timeout=900) == 0
+    rec = StudyRecord.load("mlflow-away")
+    c, runs = _children(rec)
+    assert len(runs) == 1 and runs[0].data.tags[R.STATE_TAG] == "completed"
+    steps = sorted({m.step for m in c.get_metric_history(runs[0].info.run_id, "eval_f1_macro")})
+    assert steps == [1, 2, 3, 4, 5]

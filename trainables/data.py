@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import pandas as pd
@@ -58,7 +57,7 @@ def builtin_path(ref: str) -> Path:
     name = ref[len(BUILTIN):]
     if not name.startswith("demo/"):
         raise InputError(f"{ref}: unknown built-in data set (available: builtin:demo/train.csv, eval.csv, test.csv)")
-    p = Path(str(resources.files("trainables") / "demo_data" / name[len("demo/"):]))
+    p = Path(__file__).resolve().parent / "demo_data" / name[len("demo/"):]
     if not p.is_file():
         raise InputError(f"{ref}: no such built-in file")
     return p

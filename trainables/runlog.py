@@ -7,6 +7,7 @@ tags ``qlora_tune.study`` + ``qlora_tune.trial_id`` so a resumed trial continues
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -17,6 +18,17 @@ TRIAL_TAG = "qlora_tune.trial_id"
 STATE_TAG = "qlora_tune.state"  # running | completed | stopped_early | errored | interrupted
 REASON_TAG = "qlora_tune.reason"
 KIND_TAG = "qlora_tune.kind"  # study | trial
+NODE_TAG = "qlora_tune.node_id"  # the Ray node the trial (last) ran on
+PID_TAG = "qlora_tune.pid"  # the worker process the trial (last) ran in
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - outside Ray
+        return "local"
 
 
 def client(uri: str):
@@ -76,15 +88,26 @@ def log_metrics(c, run_id: str, metrics: dict[str, float], step: int) -> None:
 
 
 class TrialRun:
-    """Get-or-create the child run of ``trial_id`` (a resumed trial continues its own run)."""
+    """Get-or-create the child run of ``trial_id`` (a resumed trial continues its own run).
 
-    def __init__(self, ctx, trial_id: str, trial_name: str, cfg: RunConfig, params: dict):
+    Training never waits on tracking: metrics that cannot be logged (server away) are kept and
+    sent with the next call; the trial only ends once everything is logged (up to ``patience_s``)."""
+
+    def __init__(self, ctx, trial_id: str, trial_name: str, cfg: RunConfig, params: dict,
+                 patience_s: float = 300.0):
         self.c = client(ctx.tracking_uri)
+        self.patience_s = patience_s
+        self._pending: list[tuple[dict, int]] = []
+        self._warned = False
+        self._retry(lambda: self._open(ctx, trial_id, trial_name, cfg, params))
+
+    def _open(self, ctx, trial_id, trial_name, cfg, params) -> None:
         found = find_runs(self.c, ctx.experiment_id, ctx.study, "trial", trial_id, ctx.parent_run_id)
         if found:
             self.run_id = found[0].info.run_id
             self.c.update_run(self.run_id, status="RUNNING")
             self.c.set_tag(self.run_id, STATE_TAG, "running")
+            self.c.set_tag(self.run_id, "resumed", "true")
         else:
             run = self.c.create_run(ctx.experiment_id, run_name=f"{trial_name} ({cfg.approach})", tags={
                 "mlflow.parentRunId": ctx.parent_run_id, STUDY_TAG: ctx.study, TRIAL_TAG: trial_id,
@@ -93,21 +116,54 @@ class TrialRun:
             self.run_id = run.info.run_id
             log_params(self.c, self.run_id, cfg.dump())
             log_params(self.c, self.run_id, {f"search.{k}": v for k, v in params.items()})
+        self.c.set_tag(self.run_id, NODE_TAG, _node_id())
+        self.c.set_tag(self.run_id, PID_TAG, str(os.getpid()))
+
+    def _retry(self, fn):
+        """Call ``fn`` until it succeeds or ``patience_s`` runs out (then raise: Ray retries the trial)."""
+        deadline = time.time() + self.patience_s
+        while True:
+            try:
+                return fn()
+            except Exception:  # noqa: BLE001 - server away, timeouts, 5xx
+                if time.time() > deadline:
+                    raise
+                time.sleep(5)
 
     def log_metrics(self, metrics: dict, step: int) -> None:
-        log_metrics(self.c, self.run_id, metrics, step)
+        self._pending.append((dict(metrics), step))
+        self.flush()
+
+    def flush(self) -> bool:
+        """Send what is pending; False (and keep it) while the server does not answer."""
+        while self._pending:
+            metrics, step = self._pending[0]
+            try:
+                log_metrics(self.c, self.run_id, metrics, step)
+            except Exception as e:  # noqa: BLE001
+                if not self._warned:
+                    print(f"qlora-tune: MLflow unreachable ({type(e).__name__}); keeping metrics to send later")
+                    self._warned = True
+                return False
+            self._pending.pop(0)
+        return True
 
     def sync_history(self, history: list[dict]) -> None:
         """Log epochs from a checkpoint's history that the run is missing (crash between the
         checkpoint and the log call): metrics stay continuous, never duplicated."""
         if not history:
             return
-        logged = {m.step for m in self.c.get_metric_history(self.run_id, "train_loss")}
+        logged = {m.step for m in self._retry(lambda: self.c.get_metric_history(self.run_id, "train_loss"))}
         for h in history:
             if h["epoch"] not in logged:
                 self.log_metrics(h, step=h["epoch"])
 
     def complete(self, folder: Path, seconds: float) -> None:
-        self.c.log_artifacts(self.run_id, str(folder), "model")
-        self.c.set_tag(self.run_id, STATE_TAG, "completed")
-        self.c.set_terminated(self.run_id, "FINISHED")
+        def finish():
+            if not self.flush():
+                raise ConnectionError("MLflow unreachable")
+            self.c.log_artifacts(self.run_id, str(folder), "model")
+            self.c.set_tag(self.run_id, STATE_TAG, "completed")
+            self.c.set_terminated(self.run_id, "FINISHED")
+
+        self._retry(finish)

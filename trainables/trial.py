@@ -9,7 +9,6 @@ never sees the test split.
 from __future__ import annotations
 
 import dataclasses
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -86,8 +85,6 @@ def train_trial(params: dict[str, Any], ctx: TrialContext) -> None:
             trainer.load_checkpoint(Path(d) / STATE_DIR)
     run.sync_history(trainer.history)
     run.log_metrics({"setup_seconds": trainer.setup_seconds}, step=trainer.epoch)
-    if os.environ.get("QLORA_TUNE_FAIL_TRIAL") == cfg.approach and trainer.epoch == 0:
-        raise RuntimeError("injected failure (QLORA_TUNE_FAIL_TRIAL)")  # fault-injection hook for tests
 
     def on_epoch(report, tr) -> None:
         m = dict(report.metrics)

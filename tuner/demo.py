@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import datetime
-from importlib import resources
 from pathlib import Path
 
 from tuner.console import console
@@ -24,7 +23,7 @@ def run_demo(name: str | None, overrides: list[str]) -> None:
     from tuner.refs import local_model_folder
     from tuner.study import run_study
 
-    study_file = Path(str(resources.files("tuner") / "examples" / "demo-study.yaml"))
+    study_file = Path(__file__).resolve().parent / "examples" / "demo-study.yaml"
     name = name or f"demo-{datetime.now():%Y%m%d-%H%M%S}"
     console.rule("1/3 search: both approaches on smollm2-135m (NF4) and the demo data")
     run_study(study_file, overrides, name, None)

@@ -79,5 +79,7 @@ def make_searcher(space: SearchSpace, fixed_approach: str, seed: int, num_trials
         seed=seed, multivariate=True, group=True, constant_liar=True,
         n_startup_trials=max(2, min(10, num_trials // 3)),
     )
+    # the first trials cover every approach once, so no study misses one by sampling luck
+    first = [{"approach": str(a)} for a in space.common["approach"].choice] if "approach" in space.common else None
     return PruningAwareOptunaSearch(space=DefineByRun(space, fixed_approach), sampler=sampler,
-                                    metric=metric, mode=mode, max_epochs=max_epochs)
+                                    metric=metric, mode=mode, max_epochs=max_epochs, points_to_evaluate=first)

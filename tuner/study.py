@@ -16,7 +16,7 @@ from trainables.paths import home
 from trainables.trial import TrialContext, train_trial
 from tuner import tracking
 from tuner.console import console
-from tuner.study_config import StudyConfig, load_study, parse_search
+from tuner.study_config import StudyConfig, load_study
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
@@ -84,8 +84,11 @@ def connect(address: str | None, runtime_env: dict | None = None) -> None:
 
     if ray.is_initialized():
         return
-    env_vars = {k: os.environ[k] for k in ("QLORA_TUNE_HOME", "QLORA_TUNE_FAIL_TRIAL", "HF_HUB_OFFLINE")
+    env_vars = {k: os.environ[k] for k in ("QLORA_TUNE_HOME", "QLORA_TUNE_SMOLLM2_GGUF", "HF_HUB_OFFLINE")
                 if k in os.environ}
+    # trials keep training while MLflow is away: fail fast per request, TrialRun keeps and resends
+    env_vars.update({k: os.environ.get(k, v) for k, v in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"),
+                                                           ("MLFLOW_HTTP_REQUEST_TIMEOUT", "15"))})
     if address:  # joining a cluster: use its token if one is here, as `ray start` does
         try:
             from ray._private.authentication.authentication_token_setup import (

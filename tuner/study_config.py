@@ -7,7 +7,6 @@ that approach. Every key and every candidate value is checked against the run co
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -228,6 +227,7 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> tuple[St
     if study.storage and "://" not in study.storage:
         study.storage = str(Path(study.storage).expanduser().resolve())
     r = study.resources_per_trial
-    if r.workers > 1 and r.gpu and not r.gpus_per_worker:
-        raise InputError(f"{path}: resources_per_trial: with workers > 1 set gpus_per_worker instead of gpu")
+    if r.workers > 1:  # planned: a Ray Train TorchTrainer per trial (see the README's roadmap)
+        raise InputError(f"{path}: resources_per_trial.workers: data-parallel trials are not supported yet; use 1 "
+                         f"(pack trials with a fractional gpu instead)")
     return study, parse_search(study, str(path))

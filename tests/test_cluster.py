@@ -1,0 +1,160 @@
+"""cluster/: every manifest parses, carries its required fields, and agrees with the others; and a
+study runs across two Ray nodes started with `ray start` on this machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, learnable_csv, run_cli, tiny_study
+from trainables import runlog as R
+
+CLUSTER = ROOT / "cluster"
+
+
+def _docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def _all_manifests() -> dict[str, dict]:
+    out = {}
+    for f in sorted((CLUSTER / "kuberay").glob("*.yaml")):
+        for d in _docs(f):
+            assert {"apiVersion", "kind", "metadata"} <= set(d), f
+            out[f"{d['kind']}/{d['metadata']['name']}"] = d
+    return out
+
+
+def _containers(obj) -> list[dict]:
+    found = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k == "containers":
+                found += v
+            else:
+                found += _containers(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            found += _containers(v)
+    return found
+
+
+def test_launcher_config_passes_rays_own_schema():
+    import jsonschema
+    import ray.autoscaler
+
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    cfg = yaml.safe_load((CLUSTER / "ray-cluster.yaml").read_text())
+    jsonschema.validate(cfg, schema)
+    assert cfg["head_node_type"] in cfg["available_node_types"]
+    assert any(t["resources"].get("GPU", 0) > 0 for t in cfg["available_node_types"].values())
+
+
+def test_kuberay_manifests_have_their_required_fields():
+    m = _all_manifests()
+    rc = m["RayCluster/qlora-tune"]
+    assert rc["apiVersion"] == "ray.io/v1"
+    head = rc["spec"]["headGroupSpec"]
+    assert "rayStartParams" in head and head["template"]["spec"]["containers"]
+    (gpu,) = rc["spec"]["workerGroupSpecs"]
+    assert {"groupName", "minReplicas", "maxReplicas", "rayStartParams", "template"} <= set(gpu)
+    assert gpu["minReplicas"] <= gpu["replicas"] <= gpu["maxReplicas"]
+    limits = gpu["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert int(limits["nvidia.com/gpu"]) >= 1
+    job = m["RayJob/qlora-tune-study"]
+    assert job["spec"]["entrypoint"] and job["spec"]["clusterSelector"]["ray.io/cluster"] == "qlora-tune"
+    dep, svc, pvc = m["Deployment/mlflow"], m["Service/mlflow"], m["PersistentVolumeClaim/qlora-tune-shared"]
+    assert dep["spec"]["selector"]["matchLabels"] == dep["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"] == dep["spec"]["template"]["metadata"]["labels"]
+    assert "ReadWriteMany" in pvc["spec"]["accessModes"]
+
+
+def test_manifests_agree_with_each_other_and_the_study():
+    from tuner.study_config import load_study
+
+    m = _all_manifests()
+    images = {c["image"] for d in m.values() for c in _containers(d)}
+    launcher = yaml.safe_load((CLUSTER / "ray-cluster.yaml").read_text())
+    images.add(launcher["docker"]["image"])
+    assert len(images) == 1, images
+    study, _ = load_study(CLUSTER / "study.yaml")
+    port = m["Service/mlflow"]["spec"]["ports"][0]["port"]
+    assert study.tracking.tracking_uri == f"http://mlflow:{port}"
+    assert str(port) in m["Deployment/mlflow"]["spec"]["template"]["spec"]["containers"][0]["command"]
+    for d in (m["RayCluster/qlora-tune"],):
+        for c in _containers(d):
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            assert env["MLFLOW_TRACKING_URI"] == study.tracking.tracking_uri
+            assert any(v["mountPath"] == "/mnt/shared" for v in c["volumeMounts"])
+    claims = {v["persistentVolumeClaim"]["claimName"] for d in m.values() for v in _find(d, "volumes")}
+    assert claims == {"qlora-tune-shared"}
+    assert study.storage.startswith("/mnt/shared/")
+    entry = m["RayJob/qlora-tune-study"]["spec"]["entrypoint"].split()
+    assert entry[:2] == ["qlora-tune", "run"]
+    copied = re.search(r"COPY cluster/study.yaml (\S+)", (CLUSTER / "Dockerfile").read_text()).group(1)
+    assert entry[2] == copied
+    assert study.resources_per_trial.gpu > 0
+
+
+def _find(obj, key):
+    out = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out += v if k == key and isinstance(v, list) else _find(v, key)
+    elif isinstance(obj, list):
+        for v in obj:
+            out += _find(v, key)
+    return out
+
+
+@pytest.fixture
+def two_nodes(tmp_path):
+    """A head and a second node, each with one CPU, as separate `ray start` processes on loopback."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    from tests.conftest import ray_cli
+
+    ray_bin = ray_cli()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    addr = f"127.0.0.1:{port}"
+    temp = tmp_path / "ray"
+    subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                    "--num-gpus=0", "--include-dashboard=false", f"--temp-dir={temp}"],
+                   check=True, env=env, capture_output=True, timeout=180)
+    try:
+        subprocess.run([ray_bin, "start", f"--address={addr}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                        "--num-gpus=0"], check=True, env=env, capture_output=True, timeout=180)
+        yield addr
+    finally:
+        # stop only this cluster's processes: the session cluster keeps running
+        subprocess.run(["pkill", "-f", str(temp)], capture_output=True)
+        subprocess.run(["pkill", "-f", f"--gcs-address=127.0.0.1:{port}"], capture_output=True)
+
+
+def test_study_runs_across_two_nodes_with_shared_storage(two_nodes, tmp_path, yaml_file, mlflow_server):
+    storage = tmp_path / "shared" / "ray_results"
+    cfg = tiny_study(learnable_csv(tmp_path / "d.csv"), num_trials=4, storage=str(storage),
+                     **{"scheduler.type": "none", "scheduler.max_epochs": 2})
+    p = run_cli("run", yaml_file(cfg), "--name", "two-nodes", "--address", two_nodes, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    from tuner.study import StudyRecord
+
+    rec = StudyRecord.load("two-nodes")
+    c = R.client(rec.tracking_uri)
+    runs = R.find_runs(c, rec.experiment_id, rec.name, "trial", parent_run_id=rec.parent_run_id)
+    assert len(runs) == 4 and all(r.data.tags[R.STATE_TAG] == "completed" for r in runs)
+    nodes = {r.data.tags[R.NODE_TAG] for r in runs}
+    assert len(nodes) == 2, nodes
+    ckpts = list((storage / "two-nodes").glob("*/checkpoint_*"))
+    assert ckpts, "checkpoints must land under the study's storage path"
