@@ -271,5 +271,24 @@ def bench_mfu() -> None:
     save(out)
 
 
+def bench_study8() -> None:
+    """Item 7: the best valid accuracy an 8-minute study reaches (benchmarks/tfns-8min.yaml)."""
+    import subprocess
+
+    t = time.time()
+    p = subprocess.run([sys.executable, "-m", "tuner.cli", "run", str(ROOT / "benchmarks" / "tfns-8min.yaml"),
+                        "--name", f"tfns8-{int(t)}"], cwd=ROOT, capture_output=True, text=True)
+    print(p.stdout[-6000:], p.stderr[-3000:])
+    from tuner.study import StudyRecord
+    from tuner.summary import compute_summary, study_rows
+
+    rec = StudyRecord.load(f"tfns8-{int(t)}")
+    df = study_rows(rec)
+    s = compute_summary(rec, df)
+    save({"tfns_valid_accuracy_8min": float(df["best_eval_accuracy"].max()), "study8_trials": int(len(df)),
+          "study8_epochs_run": s["epochs_run"], "study8_wall_s": time.time() - t,
+          "study8_best_approach": str(df.loc[df["best_eval_accuracy"].idxmax(), "approach"])})
+
+
 if __name__ == "__main__":
-    {"speed": bench_speed, "packing": bench_packing, "mfu": bench_mfu}[sys.argv[1]]()
+    {"speed": bench_speed, "packing": bench_packing, "mfu": bench_mfu, "study8": bench_study8}[sys.argv[1]]()

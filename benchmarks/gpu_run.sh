@@ -7,7 +7,7 @@ set -u
 mkdir -p /tmp/site && tar -C /tmp/site -xJf .devbundle/devbundle.tar.xz
 export PYTHONPATH=/tmp/site:$PWD QLORA_TUNE_HOME=/root/qth NCCL_NVLS_ENABLE=0
 export QLORA_TUNE_SMOLLM2_GGUF=${GGUF:-/root/stash/SmolLM2-135M-Instruct.Q4_1.gguf}
-export BENCH_RESULTS=${OUT:-$PWD/benchmarks}/results.json TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false
+export MLFLOW_ALLOW_FILE_STORE=true BENCH_RESULTS=${OUT:-$PWD/benchmarks}/results.json TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false
 [ -f benchmarks/results.json ] && [ ! -f "$BENCH_RESULTS" ] && cp benchmarks/results.json "$BENCH_RESULTS"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 for part in "$@"; do

@@ -111,3 +111,18 @@ def test_real_process_exit_code(tmp_path):
     p = run_cli("train", tmp_path / "missing.yaml")
     assert p.returncode == 2, p.stderr
     assert p.stderr.strip().count("\n") == 0 and "config file not found" in p.stderr
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["predict"], "Missing option '--model'"),
+    (["no-such-command"], "No such command"),
+    (["train", "--bogus"], "No such option: --bogus"),
+    (["status", "no-such-study"], "study 'no-such-study': not found"),
+    (["resume", "no-such-study"], "study 'no-such-study': not found"),
+    (["promote", "no-such-study"], "study 'no-such-study': not found"),
+    (["run", "x.yaml", "--name", "bad name!"], "x.yaml: config file not found"),
+])
+def test_cli_misuse_exits_2(cli, args, expect):
+    code, out, err = cli(*args)
+    assert code == 2, (out, err)
+    assert expect in err and len(err.strip().splitlines()) == 1, err

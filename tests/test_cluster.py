@@ -128,7 +128,9 @@ def two_nodes(tmp_path):
     ray_bin = ray_cli()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     addr = f"127.0.0.1:{port}"
-    temp = tmp_path / "ray"
+    import tempfile
+
+    temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
                     "--num-gpus=0", "--include-dashboard=false", f"--temp-dir={temp}"],
                    check=True, env=env, capture_output=True, timeout=180)
@@ -140,6 +142,7 @@ def two_nodes(tmp_path):
         # stop only this cluster's processes: the session cluster keeps running
         subprocess.run(["pkill", "-f", str(temp)], capture_output=True)
         subprocess.run(["pkill", "-f", f"--gcs-address=127.0.0.1:{port}"], capture_output=True)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_study_runs_across_two_nodes_with_shared_storage(two_nodes, tmp_path, yaml_file, mlflow_server):

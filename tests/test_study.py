@@ -45,7 +45,7 @@ def test_study_over_both_approaches_with_asha(finished_study):
 
 
 def test_driver_sigkill_then_resume_completes_with_one_run_per_trial(tmp_path, yaml_file, ray_cluster, mlflow_server):
-    cfg = tiny_study(learnable_csv(tmp_path / "d.csv", repeats=40), num_trials=4,
+    cfg = tiny_study(learnable_csv(tmp_path / "d.csv", repeats=150), num_trials=4,
                      **{"scheduler.type": "none", "scheduler.max_epochs": 3})
     cfg["search"] = {"approach": {"choice": ["head"]}, "training.learning_rate": {"loguniform": [1e-3, 1e-2]}}
     study = yaml_file(cfg, name="study.yaml")
@@ -146,8 +146,7 @@ def test_mlflow_ui_shows_the_study_and_its_trials(finished_study):
         drv.get(f"{rec.tracking_uri}/#/experiments/{rec.experiment_id}/runs")
         wait = WebDriverWait(drv, 90)
         link = wait.until(EC.presence_of_element_located((By.XPATH, f"//a[normalize-space()='{rec.name}']")))
-        row = link.find_element(By.XPATH, "./ancestor::div[contains(@class,'ag-row')]")
-        row.find_elements(By.TAG_NAME, "button")[0].click()  # expand the parent's child runs
+        link.find_element(By.XPATH, "./preceding::button[1]").click()  # the parent's expander, left of its name
         for r in runs:
             wait.until(EC.presence_of_element_located((By.XPATH, f"//a[normalize-space()='{r.info.run_name}']")))
     finally:
@@ -220,7 +219,7 @@ def test_failing_trial_is_errored_with_reason_and_the_study_goes_on(tmp_path, ya
 
 
 def test_ctrl_c_stops_cleanly_and_the_study_resumes(tmp_path, yaml_file, ray_cluster, mlflow_server):
-    cfg = tiny_study(learnable_csv(tmp_path / "d.csv", repeats=40), num_trials=3,
+    cfg = tiny_study(learnable_csv(tmp_path / "d.csv", repeats=400), num_trials=3,
                      **{"scheduler.type": "none", "scheduler.max_epochs": 3})
     cfg["search"] = {"approach": {"choice": ["head"]}, "training.learning_rate": {"loguniform": [1e-3, 1e-2]}}
     proc = subprocess.Popen([sys.executable, "-m", "tuner.cli", "run", str(yaml_file(cfg)), "--name", "ctrl-c",
@@ -234,6 +233,7 @@ def test_ctrl_c_stops_cleanly_and_the_study_resumes(tmp_path, yaml_file, ray_clu
         return any(c.get_metric_history(r.info.run_id, "train_loss") for r in runs)
     _wait_for(first_epoch)
     time.sleep(11)  # let Ray snapshot the experiment state once
+    assert proc.poll() is None, "the study finished before it could be interrupted; make it longer"
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 130, out[-3000:]

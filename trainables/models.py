@@ -243,7 +243,7 @@ def attach_lora(model, cfg: RunConfig):
     try:
         peft_model = get_peft_model(model, lora_config(cfg.lora, cfg.approach))
     except ValueError as e:
-        raise InputError(f"lora.target_modules: {str(e).splitlines()[0][:300]}") from None
+        raise InputError(f"lora.target_modules={cfg.lora.target_modules}: {str(e).splitlines()[0][:300]}") from None
     for p in peft_model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()

@@ -12,11 +12,17 @@ from trainables import runlog as R
 
 
 def _reason(trial) -> str:
+    """Last line of the trial's error trace (the local error file is written before callbacks run;
+    the copy in storage may not be synced yet)."""
+    text = ""
     try:
-        err = trial.get_error()
-        text = str(err) if err else ""
+        if trial.error_file and Path(trial.error_file).is_file():
+            text = Path(trial.error_file).read_text()
+        if not text:
+            err = trial.get_error()
+            text = str(err) if err else ""
     except Exception:  # noqa: BLE001
-        text = ""
+        pass
     lines = [l.strip() for l in text.strip().splitlines() if l.strip()]
     return (lines[-1] if lines else "unknown error")[:500]
 
@@ -43,7 +49,7 @@ class StudyCallback(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         epochs = trial.last_result.get("epoch", 0)
         if epochs < self.max_epochs:
-            self._close(trial, "stopped_early", f"stopped by ASHA after epoch {epochs}", "FINISHED")
+            self._close(trial, "stopped_early", f"stopped early after epoch {epochs}", "FINISHED")
         else:  # the trial closes its own run after its last epoch; this covers a crash in between
             self._close(trial, "completed", None, "FINISHED", only_if_running=True)
         self._print(trials, force=True)

@@ -145,25 +145,23 @@ def demo(
 def main(argv: list[str] | None = None) -> None:
     quiet_libraries()
     try:
-        app(args=argv, prog_name="qlora-tune", standalone_mode=False)
+        rv = app(args=argv, prog_name="qlora-tune", standalone_mode=False)
     except InputError as e:
         err_console.print(f"qlora-tune: error: {e}", markup=False, soft_wrap=True)
         sys.exit(e.exit_code)
-    except typer.Abort:
-        err_console.print("qlora-tune: aborted")
-        sys.exit(130)
     except KeyboardInterrupt:
         err_console.print("qlora-tune: interrupted")
         sys.exit(130)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.exceptions.Exit):
-            sys.exit(e.exit_code)
-        if isinstance(e, click.ClickException):
+    except Exception as e:  # usage errors of the CLI library (typer vendors its own click)
+        if hasattr(e, "format_message") and hasattr(e, "exit_code"):
             err_console.print(f"qlora-tune: error: {e.format_message()}", markup=False, soft_wrap=True)
             sys.exit(2)
+        if type(e).__name__ in ("Exit", "Abort"):
+            sys.exit(getattr(e, "exit_code", 1))
         raise
+    if isinstance(rv, int) and rv:  # typer returns 130 for an interrupted command
+        err_console.print("qlora-tune: interrupted" if rv == 130 else f"qlora-tune: exit {rv}")
+        sys.exit(rv)
 
 
 if __name__ == "__main__":

@@ -174,7 +174,7 @@ def run_study(path: Path, overrides: list[str], name: str | None, address: str |
 
     res = check_resources(study, str(path), ray.cluster_resources())
     c = R.client(uri)
-    exp_id = tracking.experiment_id(c, study.tracking.experiment)
+    exp_id = tracking.experiment_id(c, study.tracking.experiment, study.tracking.artifact_location)
     parent = c.create_run(exp_id, run_name=name, tags={
         R.STUDY_TAG: name, R.KIND_TAG: "study", R.STATE_TAG: "running",
         "data_fingerprint": data.fingerprint(), "versions": json.dumps(_versions()),
@@ -233,7 +233,7 @@ def _tune_config(study: StudyConfig, space):
         metric=study.metric, mode=study.mode, num_samples=study.num_trials, scheduler=scheduler,
         search_alg=make_searcher(space, study.approach, study.seed, study.num_trials, sch.max_epochs,
                                  study.metric, study.mode),
-        max_concurrent_trials=study.max_concurrent_trials, reuse_actors=False,
+        max_concurrent_trials=study.max_concurrent_trials, reuse_actors=False, time_budget_s=study.time_budget_s,
     )
 
 
@@ -256,12 +256,27 @@ def _run_config(rec: StudyRecord, study: StudyConfig):
 def _fit(tuner, rec: StudyRecord) -> StudyRecord:
     from tuner.summary import finalize_study
 
+    import signal
+
     t0 = time.time()
     interrupted = False
+    before = signal.getsignal(signal.SIGINT)
     try:
         results = tuner.fit()
+        # Ray Tune catches Ctrl-C itself and returns normally; its handler puts the previous one back
+        # only when it fired, so a handler that is no longer Ray's means the study was interrupted
+        after = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, before)
+        ray_handles = not int(os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0"))
+        ctrl_c = ray_handles and getattr(after, "__name__", "") != "signal_interrupt_tune_run"
         unfinished = len(results) - results.num_terminated - results.num_errors
-        interrupted = unfinished > 0
+        # Ray returns normally after Ctrl-C; a trial run that neither the trial nor the callback
+        # closed is the sign (every trial that ends, ends its run)
+        c = R.client(rec.tracking_uri)
+        open_runs = any(r.info.status == "RUNNING" for r in
+                        R.find_runs(c, rec.experiment_id, rec.name, "trial", parent_run_id=rec.parent_run_id))
+        budget = rec.study.time_budget_s
+        interrupted = ctrl_c or ((unfinished > 0 or open_runs) and not (budget and time.time() - t0 >= budget))
     except KeyboardInterrupt:
         interrupted = True
     except BaseException as e:

@@ -84,6 +84,8 @@ class Tracking(BaseModel):
     model_config = ConfigDict(extra="forbid")
     tracking_uri: str | None = None
     experiment: str = "qlora-tune"
+    artifact_location: str | None = None
+    """Artifact root of a newly created experiment (e.g. a shared path with a ``sqlite:`` store)."""
 
 
 METRIC_NAMES = ("eval_f1_macro", "eval_accuracy", "eval_balanced_accuracy", "eval_loss")
@@ -95,6 +97,8 @@ class StudyConfig(RunConfig):
     metric: Literal["eval_f1_macro", "eval_accuracy", "eval_balanced_accuracy", "eval_loss"] = "eval_f1_macro"
     mode: Literal["max", "min"] | None = None
     num_trials: int = Field(8, ge=1, le=100_000)
+    time_budget_s: float | None = Field(None, gt=0)
+    """Stop starting trials and end the study after this many seconds (Ray Tune's time budget)."""
     max_concurrent_trials: int | None = Field(None, ge=1)
     seed: int = 0
     resources_per_trial: Resources = Resources()

@@ -102,7 +102,7 @@ def resolve_tracking_uri(uri: str | None) -> str:
 # ------------------------------------------------------------------ experiments
 
 
-def experiment_id(c, name: str) -> str:
+def experiment_id(c, name: str, artifact_location: str | None = None) -> str:
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
@@ -110,7 +110,8 @@ def experiment_id(c, name: str) -> str:
         return exp.experiment_id
     try:
         # the "model training" view of the MLflow UI (runs table), not the GenAI overview
-        return c.create_experiment(name, tags={"mlflow.experimentKind": "custom_model_development"})
+        return c.create_experiment(name, artifact_location=artifact_location,
+                                   tags={"mlflow.experimentKind": "custom_model_development"})
     except Exception:  # noqa: BLE001 - created concurrently
         return c.get_experiment_by_name(name).experiment_id
 
