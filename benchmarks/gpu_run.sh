@@ -5,6 +5,10 @@
 # SmolLM2 GGUF at $GGUF (default /root/stash/SmolLM2-135M-Instruct.Q4_1.gguf).
 set -u
 mkdir -p /tmp/site && tar -C /tmp/site -xJf .devbundle/devbundle.tar.xz
+# the bundle's importlib_metadata wants a `lazy_importer` it lacks: re-export the standard library's
+rm -rf /tmp/site/importlib_metadata && mkdir /tmp/site/importlib_metadata
+printf 'from importlib.metadata import *\nfrom importlib.metadata import packages_distributions, version, PackageNotFoundError, distributions, Distribution, metadata, requires\n' \
+  > /tmp/site/importlib_metadata/__init__.py
 export PYTHONPATH=/tmp/site:$PWD QLORA_TUNE_HOME=/root/qth NCCL_NVLS_ENABLE=0
 export QLORA_TUNE_SMOLLM2_GGUF=${GGUF:-/root/stash/SmolLM2-135M-Instruct.Q4_1.gguf}
 export MLFLOW_ALLOW_FILE_STORE=true BENCH_RESULTS=${OUT:-$PWD/benchmarks}/results.json TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false

@@ -22,6 +22,7 @@ for _stale in ("studies", "mlflow", "ray_results"):
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray's token authentication stays on in tests too
 
+from trainables.config import set_dotted  # noqa: E402
 from tuner.console import quiet_libraries  # noqa: E402
 
 quiet_libraries()
@@ -84,11 +85,7 @@ def tiny_config(train: Path, **over) -> dict:
         "data": {"train": str(train), "split": {"eval": 0.25, "test": 0.25, "seed": 0}},
     }
     for k, v in over.items():
-        node = cfg
-        parts = k.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = v
+        set_dotted(cfg, k, v)
     return cfg
 
 
@@ -128,7 +125,6 @@ def ray_cli() -> str:
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real local Ray cluster (``ray start --head``), shared by every test; yields its address."""
-    import shutil
     import socket
 
     with socket.socket() as s:
@@ -162,22 +158,26 @@ def tiny_study(train: Path, **over) -> dict:
     })
     cfg["lora"] = {"r": 4, "alpha": 8, "dropout": 0.0}
     for k, v in over.items():
-        node = cfg
-        parts = k.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = v
+        set_dotted(cfg, k, v)
     return cfg
 
 
 @pytest.fixture(scope="session")
 def finished_study(tmp_path_factory, ray_cluster, mlflow_server):
-    """One study of 6 trials over both approaches with ASHA, shared by the tests that read it."""
+    """One study of 6 trials over both approaches with ASHA, shared by the tests that read it.
+
+    Made so that ASHA must cut: trials run one at a time, the head approach learns the toy data in
+    its first epoch at this learning rate while the tiny model's generation approach cannot, and
+    the first trials take each approach once (head first)."""
     import yaml
 
     d = tmp_path_factory.mktemp("study")
     study = d / "study.yaml"
-    study.write_text(yaml.safe_dump(tiny_study(learnable_csv(d / "d.csv"))))
+    cfg = tiny_study(learnable_csv(d / "d.csv", repeats=12), max_concurrent_trials=1,
+                     **{"training.learning_rate": 1e-2})
+    cfg["search"] = {"approach": {"choice": ["head", "generation"]}, "lora.r": {"choice": [4, 8]},
+                     "head": {"head.class_weights": {"choice": ["none", "balanced"]}}}
+    study.write_text(yaml.safe_dump(cfg))
     p = run_cli("run", study, "--name", "both-approaches", "--address", ray_cluster, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     from tuner.study import StudyRecord

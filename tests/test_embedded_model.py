@@ -58,5 +58,5 @@ def test_concurrent_conversion_builds_once(tmp_path):
     outs = [p.communicate(timeout=300)[0].strip() for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert outs[0] == outs[1]
-    leftovers = [p.name for p in (tmp_path / "models").iterdir() if p.name.startswith(".tiny-random-llama-")]
+    leftovers = [p.name for p in (tmp_path / "models").iterdir() if p.name.startswith(".tiny-random-llama.tmp")]
     assert leftovers == []

@@ -50,9 +50,7 @@ def test_driver_sigkill_then_resume_completes_with_one_run_per_trial(tmp_path, y
     cfg["search"] = {"approach": {"choice": ["head"]}, "training.learning_rate": {"loguniform": [1e-3, 1e-2]}}
     study = yaml_file(cfg, name="study.yaml")
     env = {**os.environ}
-    proc = subprocess.Popen([sys.executable, "-m", "tuner.cli", "run", str(study), "--name", "killed",
-                             "--address", ray_cluster], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = _start(study, "killed", ray_cluster, env=env)
     from tuner.study import StudyRecord
 
     deadline = time.time() + 300
@@ -168,22 +166,34 @@ def _wait_for(pred, timeout=300, every=1.0):
     raise AssertionError("timed out waiting")
 
 
+def _start(cfg_file, name: str, address: str, **kw) -> subprocess.Popen:
+    """`qlora-tune run` as a real process (to kill or interrupt it)."""
+    kw.setdefault("stdout", subprocess.DEVNULL)
+    kw.setdefault("stderr", subprocess.DEVNULL)
+    return subprocess.Popen([sys.executable, "-m", "tuner.cli", "run", str(cfg_file), "--name", name,
+                             "--address", address], cwd=ROOT, **kw)
+
+
+def _first_epoch_logged(name: str):
+    """Wait until a trial of study ``name`` has logged an epoch; returns that trial's run."""
+    from tuner.study import StudyRecord
+
+    def check():
+        c, runs = _children(StudyRecord.load(name))
+        return next((r for r in runs if c.get_metric_history(r.info.run_id, "train_loss")), None)
+    return _wait_for(check)
+
+
 def test_killed_trial_worker_resumes_from_its_checkpoint(tmp_path, yaml_file, ray_cluster, mlflow_server):
     """SIGKILL the process running a trial mid-training: Ray restarts the trial from its last
     checkpoint and MLflow keeps one run for it with one point per epoch."""
     cfg = tiny_study(learnable_csv(tmp_path / "d.csv", repeats=60), num_trials=1, max_failures=2,
                      **{"scheduler.type": "none", "scheduler.max_epochs": 4})
     cfg["search"] = {"training.learning_rate": {"loguniform": [1e-3, 1e-2]}}
-    proc = subprocess.Popen([sys.executable, "-m", "tuner.cli", "run", str(yaml_file(cfg)), "--name", "worker-kill",
-                             "--address", ray_cluster], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = _start(yaml_file(cfg), "worker-kill", ray_cluster)
     from tuner.study import StudyRecord
 
-    def trained_one_epoch():
-        rec = StudyRecord.load("worker-kill")
-        c, runs = _children(rec)
-        if runs and c.get_metric_history(runs[0].info.run_id, "train_loss"):
-            return runs[0]
-    run = _wait_for(trained_one_epoch)
+    run = _first_epoch_logged("worker-kill")
     pid = int(run.data.tags[R.PID_TAG])
     os.kill(pid, signal.SIGKILL)
     assert proc.wait(timeout=900) == 0
@@ -222,16 +232,10 @@ def test_ctrl_c_stops_cleanly_and_the_study_resumes(tmp_path, yaml_file, ray_clu
     cfg = tiny_study(learnable_csv(tmp_path / "d.csv", repeats=400), num_trials=3,
                      **{"scheduler.type": "none", "scheduler.max_epochs": 3})
     cfg["search"] = {"approach": {"choice": ["head"]}, "training.learning_rate": {"loguniform": [1e-3, 1e-2]}}
-    proc = subprocess.Popen([sys.executable, "-m", "tuner.cli", "run", str(yaml_file(cfg)), "--name", "ctrl-c",
-                             "--address", ray_cluster], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = _start(yaml_file(cfg), "ctrl-c", ray_cluster, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     from tuner.study import StudyRecord
 
-    def first_epoch():
-        rec = StudyRecord.load("ctrl-c")
-        c, runs = _children(rec)
-        return any(c.get_metric_history(r.info.run_id, "train_loss") for r in runs)
-    _wait_for(first_epoch)
+    _first_epoch_logged("ctrl-c")
     time.sleep(11)  # let Ray snapshot the experiment state once
     assert proc.poll() is None, "the study finished before it could be interrupted; make it longer"
     proc.send_signal(signal.SIGINT)
@@ -254,8 +258,7 @@ def test_two_studies_at_once_keep_their_runs_apart(tmp_path, yaml_file, ray_clus
                      **{"scheduler.type": "none", "scheduler.max_epochs": 1})
     cfg["search"] = {"approach": {"choice": ["head"]}, "training.learning_rate": {"loguniform": [1e-3, 1e-2]}}
     f = yaml_file(cfg)
-    procs = [subprocess.Popen([sys.executable, "-m", "tuner.cli", "run", str(f), "--name", n, "--address", ray_cluster],
-                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for n in ("twin-a", "twin-b")]
+    procs = [_start(f, n, ray_cluster) for n in ("twin-a", "twin-b")]
     assert [p.wait(timeout=900) for p in procs] == [0, 0]
     from tuner.study import StudyRecord
 
@@ -273,21 +276,16 @@ def test_mlflow_server_away_mid_study_loses_no_metric(tmp_path, yaml_file, ray_c
     keeps training, and every epoch ends up in its run."""
     import json as _json
 
-    from tuner import tracking
     from trainables.paths import home
+    from tuner import tracking
 
     cfg = tiny_study(learnable_csv(tmp_path / "d.csv", repeats=60), num_trials=1,
                      **{"scheduler.type": "none", "scheduler.max_epochs": 5})
     cfg["search"] = {"training.learning_rate": {"loguniform": [1e-3, 1e-2]}}
-    proc = subprocess.Popen([sys.executable, "-m", "tuner.cli", "run", str(yaml_file(cfg)), "--name", "mlflow-away",
-                             "--address", ray_cluster], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = _start(yaml_file(cfg), "mlflow-away", ray_cluster)
     from tuner.study import StudyRecord
 
-    def first_epoch():
-        rec = StudyRecord.load("mlflow-away")
-        c, runs = _children(rec)
-        return runs and c.get_metric_history(runs[0].info.run_id, "train_loss")
-    _wait_for(first_epoch)
+    _first_epoch_logged("mlflow-away")
     port = _json.loads((home() / "mlflow" / "server.json").read_text())["port"]
     assert tracking.stop_embedded_server()
     time.sleep(12)  # the trial trains on while its metrics cannot be logged

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,11 +21,24 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from trainables import metrics as M
-from trainables.approaches import Example, autocast, batched_log_scores, make_approach, to_device
+from trainables.approaches import (
+    Example,
+    autocast,
+    batched_log_scores,
+    make_approach,
+    to_device,
+)
 from trainables.config import RunConfig
 from trainables.data import Dataset
 from trainables.errors import InputError
-from trainables.models import attach_lora, device, load_base, load_tokenizer, resolve_model
+from trainables.models import (
+    attach_lora,
+    device,
+    load_base,
+    load_tokenizer,
+    resolve_model,
+)
+from trainables.paths import build_atomically
 
 
 @dataclass
@@ -276,15 +286,7 @@ class Trainer:
         out = Path(out)
         if out.exists() and any(out.iterdir()) and not overwrite:
             raise InputError(f"{out}: output folder exists and is not empty (pass --overwrite)")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
-            write_artifacts(tmp, self, result)
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        build_atomically(out, lambda tmp: write_artifacts(tmp, self, result))
         return out
 
 

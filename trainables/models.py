@@ -10,8 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,7 +17,7 @@ from filelock import FileLock
 
 from trainables.config import LoraSettings, RunConfig
 from trainables.errors import InputError
-from trainables.paths import models_dir
+from trainables.paths import build_atomically, models_dir
 
 EMBEDDED = "smollm2-135m"
 TINY = "tiny-random-llama"
@@ -73,15 +71,12 @@ def _cached(name: str, build) -> Path:
     with FileLock(str(models_dir() / f".{name}.lock"), timeout=1800):
         if (final / _READY).exists():
             return final
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=models_dir()))
-        try:
+
+        def build_marked(tmp: Path) -> None:
             build(tmp)
             (tmp / _READY).write_text("ok\n")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+        build_atomically(final, build_marked)
     return final
 
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 from rich.console import Console
-
-import sys
 
 _width = None if sys.stdout.isatty() else 150  # rich assumes 80 columns when piped
 console = Console(stderr=False, highlight=False, width=_width)

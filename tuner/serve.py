@@ -13,7 +13,9 @@ import json
 import threading
 from dataclasses import dataclass
 
-from fastapi import Request  # module level: FastAPI resolves the (string) annotation below
+from fastapi import (
+    Request,  # module level: FastAPI resolves the (string) annotation below
+)
 
 from trainables.errors import InputError
 

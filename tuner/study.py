@@ -254,9 +254,9 @@ def _run_config(rec: StudyRecord, study: StudyConfig):
 
 
 def _fit(tuner, rec: StudyRecord) -> StudyRecord:
-    from tuner.summary import finalize_study
-
     import signal
+
+    from tuner.summary import finalize_study
 
     t0 = time.time()
     interrupted = False

@@ -12,7 +12,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from trainables.config import RunConfig, _anchor_paths, build_config, parse_set, read_yaml, set_dotted
+from trainables.config import (
+    RunConfig,
+    _anchor_paths,
+    build_config,
+    parse_set,
+    read_yaml,
+    set_dotted,
+)
 from trainables.errors import InputError
 
 APPROACHES = ("head", "generation")

@@ -17,8 +17,6 @@ from filelock import FileLock
 from trainables.errors import InputError
 from trainables.paths import home
 
-
-
 # ------------------------------------------------------------------ the embedded server
 
 
