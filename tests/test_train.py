@@ -61,12 +61,19 @@ def test_generation_loss_only_on_label_tokens(tiny_csv):
     assert batch["targets"][0, ex.prompt_len:].tolist() == label_tokens
 
 
-def test_generation_full_scoring_matches_first_token_ranking_shape(tiny_csv):
+def test_generation_full_scoring_gives_a_distribution_over_labels(tiny_csv):
     tr = _trainer(tiny_csv, approach="generation", **{"generation.scoring": "full"})
     assert not tr.approach.first_token
     probs, rep = tr.evaluate("eval")
     assert probs.shape == (len(tr.data.eval), 2)
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    # byte-level labels " pos"/" neg" share their first token: auto must fall back to full scoring
+    auto = _trainer(tiny_csv, approach="generation")
+    assert not auto.approach.first_token
+    from trainables.errors import InputError
+
+    with pytest.raises(InputError, match="first tokens differ"):
+        _trainer(tiny_csv, approach="generation", **{"generation.scoring": "first_token"})
 
 
 def test_checkpoint_resume_continues_exactly(tiny_csv, tmp_path):

@@ -187,6 +187,11 @@ def to_device(batch: dict[str, torch.Tensor], dev: torch.device) -> dict[str, to
     return {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
 
 
+def use_bf16(cfg: RunConfig, dev: torch.device) -> bool:
+    """``training.bf16``: ``auto`` is bf16 autocast on CUDA only (training and prediction alike)."""
+    return dev.type == "cuda" if cfg.training.bf16 == "auto" else bool(cfg.training.bf16)
+
+
 def autocast(dev: torch.device, bf16: bool):
     """bf16 autocast where asked (the default on CUDA); a no-op context otherwise."""
     import contextlib

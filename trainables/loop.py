@@ -27,6 +27,7 @@ from trainables.approaches import (
     batched_log_scores,
     make_approach,
     to_device,
+    use_bf16,
 )
 from trainables.config import RunConfig
 from trainables.data import Dataset
@@ -105,7 +106,7 @@ class Trainer:
         self.cfg, self.data, self.log = cfg, data, log
         self.dev = dev or device()
         t = cfg.training
-        self.bf16 = (self.dev.type == "cuda") if t.bf16 == "auto" else bool(t.bf16)
+        self.bf16 = use_bf16(cfg, self.dev)
         seed_everything(t.seed)
         t0 = time.perf_counter()
         self.model_path = resolve_model(cfg.model)

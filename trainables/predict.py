@@ -9,10 +9,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainables.approaches import batched_log_scores, make_approach
+from trainables.approaches import batched_log_scores, make_approach, use_bf16
 from trainables.config import RunConfig
 from trainables.errors import InputError
-from trainables.models import device, load_adapter, load_base, load_tokenizer, resolve_model
+from trainables.models import (
+    device,
+    load_adapter,
+    load_base,
+    load_tokenizer,
+    resolve_model,
+)
 
 REQUIRED = ("adapter", "tokenizer", "labels.json", "config.yaml")
 
@@ -43,7 +49,7 @@ class Classifier:
         self.cfg = RunConfig.model_validate(yaml.safe_load((folder / "config.yaml").read_text()))
         self.label_names = json.loads((folder / "labels.json").read_text())["names"]
         self.dev = dev or device()
-        self.bf16 = self.dev.type == "cuda" if self.cfg.training.bf16 == "auto" else bool(self.cfg.training.bf16)
+        self.bf16 = use_bf16(self.cfg, self.dev)
         self.batch_size = batch_size or max(self.cfg.training.eval_batch_size, 64)
         self.tokenizer = load_tokenizer(folder / "tokenizer", self.cfg.trust_remote_code)
         self.approach = make_approach(self.tokenizer, self.label_names, self.cfg)

@@ -64,9 +64,9 @@ def train_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     import ray.tune as tune
     import torch
 
+    from trainables.config import decode_choice
     from trainables.data import load_dataset
     from trainables.loop import Trainer, write_artifacts
-    from trainables.config import decode_choice
     from trainables.runlog import TrialRun
 
     cfg = trial_config(ctx, params)
