@@ -94,6 +94,9 @@ INVALID = [
     ("empty-space", {"search": {}}, "empty search space"),
     ("grace-over-max", {"scheduler": {"max_epochs": 2, "grace_period": 3}}, "grace_period (3) must not exceed max_epochs (2)"),
     ("gpu-on-cpu-cluster", {"resources_per_trial": {"cpu": 1, "gpu": 1}}, "needs 1 GPU(s) but the cluster has 0"),
+    ("gpu-with-workers", {"resources_per_trial": {"workers": 2, "gpu": 1}}, "give GPUs per worker as gpus_per_worker"),
+    ("workers-gpus-on-cpu-cluster", {"resources_per_trial": {"workers": 2, "gpus_per_worker": 1}},
+     "needs 2 GPU(s) but the cluster has 0"),
     ("bad-data", {"data": {"train": "/no/such.csv"}}, "/no/such.csv: data file not found"),
 ]
 

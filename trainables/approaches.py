@@ -201,22 +201,23 @@ def autocast(dev: torch.device, bf16: bool):
 
 @torch.inference_mode()
 def batched_log_scores(model, approach: Approach, examples: list[Example], batch_size: int,
-                       dev: torch.device, bf16: bool, class_weights=None) -> tuple[torch.Tensor, float]:
-    """Log-scores ``[N, classes]`` in input order, and the mean loss where labels are known.
+                       dev: torch.device, bf16: bool) -> torch.Tensor:
+    """Log-scores ``[N, classes]`` in input order (on the CPU).
 
     Examples are run longest first in large batches (little padding), then put back in order."""
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
     out = torch.empty((len(examples), len(approach.labels)), dtype=torch.float32)
-    losses, n = 0.0, 0
-    labelled = all(e.label >= 0 for e in examples)
     for s in range(0, len(order), batch_size):
         idx = order[s: s + batch_size]
         batch = to_device(approach.collate([examples[i] for i in idx], train=False), dev)
         with autocast(dev, bf16):
-            scores = approach.log_scores(model, batch).float()
-        out[idx] = scores.cpu()
-        if labelled:
-            # the loss of the classification decision: cross-entropy over the label set
-            losses += float(F.cross_entropy(scores, batch["labels"], weight=class_weights, reduction="sum"))
-            n += len(idx)
-    return out, (losses / n if n else float("nan"))
+            out[idx] = approach.log_scores(model, batch).float().cpu()
+    return out
+
+
+def decision_loss(scores: torch.Tensor, labels: list[int], class_weights: torch.Tensor | None = None) -> float:
+    """The loss of the classification decision: cross-entropy over the label set (NaN without labels)."""
+    if not labels or min(labels) < 0:
+        return float("nan")
+    w = class_weights.cpu() if class_weights is not None else None
+    return float(F.cross_entropy(scores, torch.tensor(labels), weight=w, reduction="sum")) / len(labels)

@@ -25,11 +25,13 @@ from trainables.approaches import (
     Example,
     autocast,
     batched_log_scores,
+    decision_loss,
     make_approach,
     to_device,
     use_bf16,
 )
 from trainables.config import RunConfig
+from trainables import distributed as D
 from trainables.data import Dataset
 from trainables.errors import InputError
 from trainables.models import (
@@ -100,11 +102,17 @@ def _make_optimizer(cfg: RunConfig, params, dev: torch.device):
 
 
 class Trainer:
-    """A loaded base with LoRA adapters, the encoded data, and the optimizer: one run."""
+    """A loaded base with LoRA adapters, the encoded data, and the optimizer: one run.
+
+    Inside an initialized ``torch.distributed`` process group (a data-parallel trial) each worker
+    trains on its share of every global batch of ``training.batch_size`` examples and evaluates its
+    share of each split; gradients and results are combined, so every worker holds the same adapter
+    and the same metrics, and the hyperparameters mean the same on any number of workers."""
 
     def __init__(self, cfg: RunConfig, data: Dataset, dev: torch.device | None = None, log=print):
         self.cfg, self.data, self.log = cfg, data, log
         self.dev = dev or device()
+        self.rank, self.world = D.rank_and_world()
         t = cfg.training
         self.bf16 = use_bf16(cfg, self.dev)
         seed_everything(t.seed)
@@ -119,6 +127,7 @@ class Trainer:
         base = load_base(cfg, self.model_path, len(data.label_names), self.tokenizer.pad_token_id, self.dev)
         self.model = attach_lora(base, cfg)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        D.broadcast_(self.trainable)
         self.class_weights = self._class_weights()
         self.batches_per_epoch = math.ceil(len(self.train_examples) / t.batch_size)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / t.grad_accum)
@@ -170,33 +179,40 @@ class Trainer:
         total_loss, tokens, t0 = 0.0, 0, time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         for i, idx in enumerate(batches):
-            batch = to_device(self.approach.collate([self.train_examples[j] for j in idx], train=True), self.dev)
-            with autocast(self.dev, self.bf16):
-                loss = self.approach.loss(self.model, batch, self.class_weights)
-            (loss / t.grad_accum).backward()
-            total_loss += loss.detach() * len(idx)
-            tokens += int(batch["attention_mask"].sum())
+            mine = D.share(idx, self.rank, self.world)
+            if mine:
+                batch = to_device(self.approach.collate([self.train_examples[j] for j in mine], train=True), self.dev)
+                with autocast(self.dev, self.bf16):
+                    loss = self.approach.loss(self.model, batch, self.class_weights)
+                # this worker's share of the global batch's mean loss
+                (loss * (len(mine) / len(idx)) / t.grad_accum).backward()
+                total_loss += loss.detach() * len(mine)
+                tokens += int(batch["attention_mask"].sum())
             if (i + 1) % t.grad_accum == 0 or i + 1 == len(batches):
+                D.sum_gradients_(self.trainable)
                 if t.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(self.trainable, t.max_grad_norm)
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-        total_loss = float(total_loss)
+        total_loss, tokens = D.sum_floats(float(total_loss), tokens, dev=self.dev)
         secs = time.perf_counter() - t0
         loss = total_loss / len(self.train_examples)
         if not math.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss} in epoch {self.epoch + 1}; lower training.learning_rate")
         return {"train_loss": loss, "train_seconds": secs,
                 "train_samples_per_second": len(self.train_examples) / secs,
-                "train_tokens_per_second": tokens / secs, "learning_rate": self.scheduler.get_last_lr()[0]}
+                "train_tokens_per_second": tokens / secs, "workers": self.world, "learning_rate": self.scheduler.get_last_lr()[0]}
 
     def evaluate(self, split: str) -> tuple[np.ndarray, dict]:
         """Probabilities ``[N, classes]`` and a full report (with confusion matrix) for one split."""
         self.model.eval()
-        scores, loss = batched_log_scores(self.model, self.approach, self.encoded[split],
-                                          self.cfg.training.eval_batch_size, self.dev, self.bf16,
-                                          self.class_weights)
+        examples = self.encoded[split]
+        mine = D.share(examples, self.rank, self.world)
+        scores = batched_log_scores(self.model, self.approach, mine, self.cfg.training.eval_batch_size,
+                                    self.dev, self.bf16)
+        scores = D.gather_rows(scores, len(examples), self.rank, self.world)
+        loss = decision_loss(scores, [e.label for e in examples], self.class_weights)
         probs = torch.softmax(scores, -1).numpy()
         y = getattr(self.data, split).labels
         rep = M.report(y, probs.argmax(1), self.data.label_names)

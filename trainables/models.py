@@ -113,7 +113,7 @@ def _convert_embedded(dest: Path) -> None:
         del cfg.quantization_config
     plain = LlamaForCausalLM(cfg)
     plain.load_state_dict(gg.state_dict(), strict=True)
-    plain.to(torch.bfloat16).save_pretrained(dest)
+    save_plain(plain.to(torch.bfloat16), dest)
     tok.save_pretrained(dest)
 
 
@@ -146,8 +146,22 @@ def _build_tiny(dest: Path) -> None:
         tie_word_embeddings=True,
     )
     torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(dest)
+    save_plain(LlamaForCausalLM(cfg), dest)
     tok.save_pretrained(dest)
+
+
+def save_plain(model, dest: Path) -> None:
+    """Write a model as config + one safetensors file. Unlike ``save_pretrained`` this also writes
+    on a worker other than rank 0 of a data-parallel trial (transformers saves on rank 0 only),
+    since every node builds its own model cache."""
+    from safetensors.torch import save_file
+
+    model.config.save_pretrained(dest)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(dest)
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    save_file(state, str(Path(dest) / "model.safetensors"), metadata={"format": "pt"})
 
 
 # ------------------------------------------------------------------ loading

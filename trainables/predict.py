@@ -64,7 +64,7 @@ class Classifier:
         if not texts:
             return Prediction([], np.zeros((0, len(self.label_names))), self.label_names)
         ex = self.approach.encode(list(texts))
-        scores, _ = batched_log_scores(self.model, self.approach, ex, self.batch_size, self.dev, self.bf16)
+        scores = batched_log_scores(self.model, self.approach, ex, self.batch_size, self.dev, self.bf16)
         probs = torch.softmax(scores, -1).numpy()
         return Prediction([self.label_names[i] for i in probs.argmax(1)], probs, self.label_names)
 

@@ -1,6 +1,11 @@
 """The Ray Tune trial: one training run that reports every epoch with a checkpoint and logs to
 its own MLflow child run.
 
+With ``workers > 1`` the trial is data-parallel: it runs a Ray Train ``TorchTrainer`` whose workers
+train one adapter together (:mod:`trainables.distributed`); worker 0 logs to MLflow and writes the
+checkpoint, and the trial relays each epoch's report and checkpoint to Tune, so ASHA, resuming and
+promotion see exactly what a single-worker trial gives them.
+
 The checkpoint holds ``state/`` (adapter, optimizer, scheduler, history: what resuming needs) and
 ``model/`` (the output-folder layout of the best epoch so far: what promotion needs). The search
 never sees the test split.
@@ -32,6 +37,10 @@ class TrialContext:
     metric: str
     max_epochs: int
     gpu_per_trial: float
+    """GPUs the whole trial holds (all workers together), for the ``gpu_seconds`` metric."""
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    storage_path: str = ""
 
 
 def trial_config(ctx: TrialContext, params: dict[str, Any]):
@@ -62,43 +71,66 @@ def flat_params(params: dict[str, Any]) -> dict[str, Any]:
 def train_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     """Ray Tune function trainable."""
     import ray.tune as tune
+
+    tc = tune.get_context()
+    if ctx.workers > 1:
+        _run_data_parallel(params, ctx, tc.get_trial_id(), tc.get_trial_name(), tune.get_checkpoint())
+        return
+
+    def report(metrics: dict, folder: Path | None) -> None:
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder) if folder else None)
+
+    _train(params, ctx, tc.get_trial_id(), tc.get_trial_name(), tune.get_checkpoint(), report)
+
+
+def _train(params: dict[str, Any], ctx: TrialContext, trial_id: str, trial_name: str, checkpoint, report,
+           dev=None, cpus: float | None = None) -> None:
+    """Train one trial's adapter (on one worker, or as one worker of a data-parallel trial), calling
+    ``report(metrics, checkpoint_folder_or_None)`` every epoch. Only worker 0 logs and checkpoints."""
     import torch
 
     from trainables.config import decode_choice
     from trainables.data import load_dataset
+    from trainables.distributed import rank_and_world
     from trainables.loop import Trainer, write_artifacts
     from trainables.runlog import TrialRun
 
     cfg = trial_config(ctx, params)
     params = {k: decode_choice(v) for k, v in flat_params(params).items()}
-    if ctx.cpus_per_trial >= 1:
-        torch.set_num_threads(int(ctx.cpus_per_trial))
-    trial_id = tune.get_context().get_trial_id()
-    run = TrialRun(ctx, trial_id, tune.get_context().get_trial_name(), cfg, params)
+    cpus = ctx.cpus_per_trial if cpus is None else cpus
+    if cpus >= 1:
+        torch.set_num_threads(int(cpus))
+    main = rank_and_world()[0] == 0
+    run = TrialRun(ctx, trial_id, trial_name, cfg, params) if main else None
     data = load_dataset(cfg.data)
     data.test = None  # the search never sees the test split
     started = time.time()
-    trainer = Trainer(cfg, data, log=lambda *_: None)
-    checkpoint = tune.get_checkpoint()
+    trainer = Trainer(cfg, data, dev=dev, log=lambda *_: None)
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             trainer.load_checkpoint(Path(d) / STATE_DIR)
-    run.sync_history(trainer.history)
-    run.log_metrics({"setup_seconds": trainer.setup_seconds}, step=trainer.epoch)
+    if run:
+        run.sync_history(trainer.history)
+        run.log_metrics({"setup_seconds": trainer.setup_seconds}, step=trainer.epoch)
 
-    def on_epoch(report, tr) -> None:
-        m = dict(report.metrics)
+    def on_epoch(rep, tr) -> None:
+        m = dict(rep.metrics)
         m["gpu_seconds"] = ctx.gpu_per_trial * sum(h["train_seconds"] + h.get("eval_seconds", 0) for h in tr.history)
-        run.log_metrics(m, step=report.epoch)  # before tune.report: Ray may stop the trial there
+        if not main:
+            if rep.epoch == ctx.max_epochs:
+                tr.finish()  # the final evaluation is collective: take part in it
+            report(m, None)
+            return
+        run.log_metrics(m, step=rep.epoch)  # before reporting: Ray may stop the trial there
         with tempfile.TemporaryDirectory(prefix="qlt-ckpt-") as d:
             tr.save_checkpoint(Path(d) / STATE_DIR)
-            if report.epoch == ctx.max_epochs:
+            if rep.epoch == ctx.max_epochs:
                 # last epoch: full reports of the selected adapter, logged by the trial itself
                 write_artifacts(Path(d) / MODEL_DIR, tr, tr.finish())
                 run.complete(Path(d) / MODEL_DIR, time.time() - started)
             else:
                 tr.write_best_model(Path(d) / MODEL_DIR)
-            tune.report(m, checkpoint=tune.Checkpoint.from_directory(d))
+            report(m, Path(d))
 
     try:
         trainer.fit(on_epoch)
@@ -109,3 +141,94 @@ def train_trial(params: dict[str, Any], ctx: TrialContext) -> None:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------ data-parallel trials
+
+
+def _train_worker(config: dict) -> None:
+    """One Ray Train worker of a data-parallel trial."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    dev = ray.train.torch.get_device()
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    ctx = TrialContext(**config["ctx"])
+
+    def report(metrics: dict, folder: Path | None) -> None:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if folder else None)
+        # go on only once Tune has taken the epoch: if ASHA stops the trial here, no worker trains
+        # (and logs) an epoch nobody asked for
+        if torch.distributed.get_rank() == 0:
+            config["ack"].get()
+        torch.distributed.barrier()
+
+    _train(config["params"], ctx, config["trial_id"], config["trial_name"], config["checkpoint"], report,
+           dev=dev, cpus=ctx.cpus_per_trial)
+
+
+def _relay_callback(queue):
+    """A Ray Train callback that hands worker 0's report and checkpoint to the Tune trial."""
+    from ray.train.v2.api.callback import UserCallback
+
+    class Relay(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            queue.put((metrics[0], checkpoint))
+
+    return Relay()
+
+
+def _run_data_parallel(params: dict[str, Any], ctx: TrialContext, trial_id: str, trial_name: str, checkpoint) -> None:
+    """Run the trial as a TorchTrainer (``ctx.workers`` workers) and relay its reports to Tune."""
+    import shutil
+    import threading
+
+    import ray.train
+    import ray.tune as tune
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Empty, Queue
+
+    queue, ack = (Queue(maxsize=1, actor_options={"num_cpus": 0}) for _ in range(2))
+    name = f"{trial_name}-dp-{int(time.time())}"
+    storage = str(Path(ctx.storage_path) / ctx.study / "_data_parallel")
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"params": params, "ctx": dataclasses.asdict(ctx), "trial_id": trial_id,
+                           "trial_name": trial_name, "checkpoint": checkpoint, "ack": ack},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=ctx.workers, use_gpu=ctx.gpus_per_worker > 0,
+            resources_per_worker={"CPU": ctx.cpus_per_trial, "GPU": ctx.gpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage, callbacks=[_relay_callback(queue)],
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            failure_config=ray.train.FailureConfig(max_failures=0)),  # Tune's max_failures restarts the trial
+    )
+    outcome: dict[str, BaseException] = {}
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the trial below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=fit, name="data-parallel-trial", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive() or not queue.empty():
+            try:
+                metrics, ckpt = queue.get(timeout=1)
+            except Empty:
+                continue
+            if ckpt is None:
+                tune.report(metrics)
+            else:
+                with ckpt.as_directory() as d:
+                    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+            ack.put(True)
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+    finally:
+        shutil.rmtree(Path(storage) / name, ignore_errors=True)  # Tune holds its own copy of each checkpoint

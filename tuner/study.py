@@ -139,16 +139,35 @@ def _local_gpus() -> int:
 
 def _context(rec: StudyRecord, res: dict[str, float]) -> TrialContext:
     s = rec.study
+    r = s.resources_per_trial
     return TrialContext(study=rec.name, run_config=s.run_config().dump(), cpus_per_trial=res["cpu"],
                         tracking_uri=rec.tracking_uri, experiment_id=rec.experiment_id,
                         parent_run_id=rec.parent_run_id, metric=s.metric, max_epochs=s.scheduler.max_epochs,
-                        gpu_per_trial=res["gpu"])
+                        gpu_per_trial=res["gpu"], workers=r.workers,
+                        gpus_per_worker=res["gpu"] / r.workers, storage_path=rec.storage_path)
 
 
 def _trainable(rec: StudyRecord, res: dict[str, float]):
     from ray import tune
 
-    return tune.with_resources(tune.with_parameters(train_trial, ctx=_context(rec, res)), res)
+    fn = tune.with_parameters(train_trial, ctx=_context(rec, res))
+    if rec.study.resources_per_trial.workers > 1:
+        # a data-parallel trial only coordinates; its Ray Train workers reserve the CPUs and GPUs
+        # (Tune refuses an empty request: a token 1 MiB of Ray's memory resource stands in)
+        return tune.with_resources(fn, {"cpu": 0, "memory": 2**20})
+    return tune.with_resources(fn, res)
+
+
+def _concurrency(study: StudyConfig, res: dict[str, float], cluster: dict[str, float]) -> int | None:
+    """Data-parallel trials reserve their workers themselves, so Tune would start every trial at once:
+    by default run as many as the cluster holds."""
+    r = study.resources_per_trial
+    if study.max_concurrent_trials or r.workers == 1:
+        return study.max_concurrent_trials
+    fits = [cluster.get("CPU", 0.0) / (res["cpu"] * r.workers)]
+    if res["gpu"] > 0:
+        fits.append(cluster.get("GPU", 0.0) / res["gpu"])
+    return max(1, int(min(fits) + 1e-9))
 
 
 def run_study(path: Path, overrides: list[str], name: str | None, address: str | None) -> StudyRecord:
@@ -184,14 +203,22 @@ def run_study(path: Path, overrides: list[str], name: str | None, address: str |
                       storage_path=study.storage or str(home() / "ray_results"),
                       created=datetime.now().isoformat(timespec="seconds"), data_fingerprint=data.fingerprint())
     rec.save()
-    R.log_params(c, rec.parent_run_id, {"study": {k: v for k, v in rec.config.items() if k != "search"},
-                                        "search_space": space.describe()})
-    c.log_text(rec.parent_run_id, json.dumps(rec.config, indent=2), "study_config.json")
-    c.log_text(rec.parent_run_id, json.dumps(space.describe(), indent=2), "search_space.json")
+    try:
+        R.log_params(c, rec.parent_run_id, {"study": {k: v for k, v in rec.config.items() if k != "search"},
+                                            "search_space": space.describe()})
+        c.log_text(rec.parent_run_id, json.dumps(rec.config, indent=2), "study_config.json")
+        c.log_text(rec.parent_run_id, json.dumps(space.describe(), indent=2), "search_space.json")
+        tuner = tune.Tuner(_trainable(rec, res),
+                           tune_config=_tune_config(study, space, _concurrency(study, res, ray.cluster_resources())),
+                           run_config=_run_config(rec, study))
+    except BaseException as e:  # the parent run must not stay RUNNING
+        from tuner.summary import finalize_study
+
+        finalize_study(rec, interrupted=True, seconds=0.0, reason=f"{type(e).__name__}: {e}")
+        raise
+    workers = f" x {study.resources_per_trial.workers} workers" if study.resources_per_trial.workers > 1 else ""
     console.print(f"[bold]study[/] {name}: {study.num_trials} trials, approaches {space.approaches(study.approach)}, "
-                  f"{res} per trial; MLflow {uri} (experiment '{study.tracking.experiment}')")
-    tuner = tune.Tuner(_trainable(rec, res), tune_config=_tune_config(study, space),
-                       run_config=_run_config(rec, study))
+                  f"{res} per trial{workers}; MLflow {uri} (experiment '{study.tracking.experiment}')")
     return _fit(tuner, rec)
 
 
@@ -219,7 +246,7 @@ def resume_study(name: str, address: str | None) -> StudyRecord:
     return _fit(tuner, rec)
 
 
-def _tune_config(study: StudyConfig, space):
+def _tune_config(study: StudyConfig, space, max_concurrent: int | None):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -233,7 +260,7 @@ def _tune_config(study: StudyConfig, space):
         metric=study.metric, mode=study.mode, num_samples=study.num_trials, scheduler=scheduler,
         search_alg=make_searcher(space, study.approach, study.seed, study.num_trials, sch.max_epochs,
                                  study.metric, study.mode),
-        max_concurrent_trials=study.max_concurrent_trials, reuse_actors=False, time_budget_s=study.time_budget_s,
+        max_concurrent_trials=max_concurrent, reuse_actors=False, time_budget_s=study.time_budget_s,
     )
 
 

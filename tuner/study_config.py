@@ -83,7 +83,8 @@ class Resources(BaseModel):
     """GPUs per trial; fractions pack several trials on one card. A fraction on a cluster without GPUs
     becomes 0 with a warning; whole GPUs the cluster lacks fail before any trial starts."""
     workers: int = Field(1, ge=1)
-    """Data-parallel Ray Train workers per trial (several GPUs per trial)."""
+    """Data-parallel Ray Train workers per trial (several GPUs per trial); each reserves ``cpu``
+    CPUs and ``gpus_per_worker`` GPUs. ``training.batch_size`` stays the global batch."""
     gpus_per_worker: float = Field(0, ge=0)
 
 
@@ -238,7 +239,10 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> tuple[St
     if study.storage and "://" not in study.storage:
         study.storage = str(Path(study.storage).expanduser().resolve())
     r = study.resources_per_trial
-    if r.workers > 1:  # planned: a Ray Train TorchTrainer per trial (see the README's roadmap)
-        raise InputError(f"{path}: resources_per_trial.workers: data-parallel trials are not supported yet; use 1 "
-                         f"(pack trials with a fractional gpu instead)")
+    if r.workers > 1 and r.gpu:
+        raise InputError(f"{path}: resources_per_trial.gpu: with workers > 1 give GPUs per worker as "
+                         f"gpus_per_worker (gpu is for single-worker trials)")
+    if r.workers == 1 and r.gpus_per_worker:
+        raise InputError(f"{path}: resources_per_trial.gpus_per_worker: only used with workers > 1; "
+                         f"give a single-worker trial's GPUs as gpu")
     return study, parse_search(study, str(path))
