@@ -11,6 +11,7 @@ Needs the twitter-financial-news CSVs in .devdata/ and a CUDA GPU.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -50,7 +51,9 @@ def subset(n: int) -> Path:
 
 
 def ours(approach: str, quant: str, rows: int = 2000, epochs: int = 2, batch: int = 64, lr: float | None = None,
-         r: int = 16, eval_file: str = "valid.csv"):
+         r: int = 16, eval_file: str = "valid.csv", warm: int = 10, **training):
+    """One run of our Trainer. Besides samples/s over the whole run, the steady rate after ``warm``
+    optimizer steps: the same rule the reference recipe is timed by."""
     from trainables.config import RunConfig
     from trainables.data import load_dataset
     from trainables.loop import Trainer
@@ -59,15 +62,31 @@ def ours(approach: str, quant: str, rows: int = 2000, epochs: int = 2, batch: in
         "model": "smollm2-135m", "approach": approach, "quantization": quant,
         "lora": {"r": r, "alpha": 2 * r, "dropout": 0.05},
         "training": {"epochs": epochs, "batch_size": batch, "eval_batch_size": 512, "max_length": 96,
-                     "learning_rate": lr or (5e-4 if approach == "head" else 3e-4), "select": "last"},
+                     "learning_rate": lr or (5e-4 if approach == "head" else 3e-4), "select": "last", **training},
         "data": {"train": str(subset(rows)), "eval": str(DATA / eval_file), "label_names": LABELS},
     })
     t0 = time.perf_counter()
     tr = Trainer(cfg, load_dataset(cfg.data), log=print)
+    marks: list[float] = []
+    step = tr.optimizer.step
+
+    def timed_step(*a, **k):
+        out = step(*a, **k)
+        torch.cuda.synchronize()
+        marks.append(time.perf_counter())
+        return out
+
+    tr.optimizer.step = timed_step
     res = tr.fit()
     train_s = sum(h["train_seconds"] for h in res.history)
-    return {"samples_per_s": rows * epochs / train_s, "eval_accuracy": res.history[-1]["eval_accuracy"],
+    per_epoch = math.ceil(rows / batch)
+    sizes = ([batch] * (per_epoch - 1) + [rows - batch * (per_epoch - 1)]) * epochs
+    evals = sum(h.get("eval_seconds", 0.0) for h in res.history[:-1])  # evaluations between the marks
+    steady = sum(sizes[warm + 1:]) / (marks[-1] - marks[warm] - evals)
+    return {"samples_per_s": rows * epochs / train_s, "steady_samples_per_s": steady,
+            "eval_accuracy": res.history[-1]["eval_accuracy"],
             "setup_s": tr.setup_seconds, "epoch1_train_s": res.history[0]["train_seconds"],
+            "epoch2_train_s": res.history[-1]["train_seconds"],
             "total_s": time.perf_counter() - t0, "trainer": tr}
 
 
@@ -111,22 +130,47 @@ def reference(rows: int = 2000, steps: int = 60, warm: int = 10):
     return {"samples_per_s": (steps - warm) * 8 / (marks[steps] - marks[warm])}
 
 
+SPEED_VARIANTS = {
+    # name: (approach, quantization, extra training settings)
+    "head_nf4": ("head", "nf4", {}),
+    "head_nf4_compile": ("head", "nf4", {"compile": True}),
+    "generation_nf4": ("generation", "nf4", {}),
+    "generation_nf4_compile": ("generation", "nf4", {"compile": True}),
+    "head_none": ("head", "none", {}),
+    "generation_none": ("generation", "none", {}),
+}
+
+
 def bench_speed() -> None:
+    """Item 1 (trial speed vs the reference recipe), 4 (start-up share) and 6 (inference)."""
     out = {}
     ref = reference()
     out["reference_samples_per_s"] = ref["samples_per_s"]
+    save(out)
+    only = os.environ.get("SPEED_VARIANTS")
+    for name, (approach, quant, extra) in SPEED_VARIANTS.items():
+        if only and name not in only.split(","):
+            continue
+        try:
+            r = ours(approach, quant, **extra)
+        except Exception as e:  # noqa: BLE001 - a variant that fails is reported, the others go on
+            out[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            save(out)
+            continue
+        out[name] = {k: v for k, v in r.items() if k != "trainer"}
+        out[name]["speedup"] = r["samples_per_s"] / ref["samples_per_s"]
+        out[name]["steady_speedup"] = r["steady_samples_per_s"] / ref["samples_per_s"]
+        out[name]["startup_share"] = r["setup_s"] / (r["setup_s"] + r["epoch1_train_s"])
+        if name == "head_none":
+            out.update(bench_inference(r["trainer"]))
+        del r
+        torch.cuda.empty_cache()
+        save(out)
     for approach in ("head", "generation"):
-        for quant in ("nf4", "none"):
-            r = ours(approach, quant)
-            out[f"{approach}_{quant}"] = {k: v for k, v in r.items() if k != "trainer"}
-            if quant == "nf4":
-                out[f"train_speedup_{approach}"] = r["samples_per_s"] / ref["samples_per_s"]
-                out["trial_overhead_share" if approach == "head" else "trial_overhead_share_generation"] = \
-                    r["setup_s"] / (r["setup_s"] + r["epoch1_train_s"])
-            if approach == "head" and quant == "none":
-                out.update(bench_inference(r["trainer"]))
-            del r
-            torch.cuda.empty_cache()
+        if f"{approach}_nf4" in out and "speedup" in out[f"{approach}_nf4"]:
+            out[f"train_speedup_{approach}"] = out[f"{approach}_nf4"]["speedup"]
+    if "head_nf4" in out and "startup_share" in out["head_nf4"]:
+        out["trial_overhead_share"] = out["head_nf4"]["startup_share"]
     save(out)
 
 
@@ -182,7 +226,7 @@ def _pack_worker(i, n, barrier, q):
     tr.train_epoch()  # warm-up (kernels, allocator)
     barrier.wait()
     t = time.perf_counter()
-    m = tr.train_epoch()
+    tr.train_epoch()
     torch.cuda.synchronize()
     q.put((t, time.perf_counter(), len(tr.train_examples)))
 
@@ -208,67 +252,113 @@ def bench_packing() -> None:
     save(out)
 
 
+SHAPES = {  # random-weight Llama shapes (item 2)
+    "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
+    "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+}
+
+
+def nf4_model(shape: str, dev: str = "cuda"):
+    """A random-weight LlamaForSequenceClassification of ``shape``, built on the GPU in bf16 and
+    quantized to NF4 (double quantization) in place, layer by layer: no checkpoint on disk."""
+    import bitsandbytes as bnb
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    cfg = LlamaConfig(**SHAPES[shape], num_labels=3, pad_token_id=0, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    with torch.device(dev):
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            model = LlamaForSequenceClassification(cfg)
+        finally:
+            torch.set_default_dtype(torch.float32)
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, lin in list(parent.named_children()):
+                if isinstance(lin, torch.nn.Linear):
+                    q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=torch.bfloat16,
+                                          compress_statistics=True, quant_type="nf4", device="meta")
+                    q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, compress_statistics=True,
+                                                 quant_type="nf4").to(dev)
+                    setattr(parent, name, q)
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+    n_lin = sum(m.in_features * m.out_features for m in model.model.layers.modules() if isinstance(m, bnb.nn.Linear4bit))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.is_loaded_in_4bit = True  # what transformers' quantizer sets: peft then picks its bnb LoRA layers
+    return model, n_lin
+
+
 def bench_mfu() -> None:
-    """NF4 + LoRA training tokens/s on a random Llama-3.2-1B-shaped model, ours vs reference settings."""
+    """Item 2: NF4 + LoRA training tokens/s and MFU (4 x params x tokens) on random Llama-3.2-1B and
+    Llama-3-8B shapes: our settings (with and without compiled layers) against the reference's."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig, LlamaConfig, LlamaForSequenceClassification
 
-    cfg = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                      num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
-                      num_labels=3, pad_token_id=0, max_position_embeddings=4096)
-    path = Path("/tmp/llama1b")
-    if not (path / "config.json").exists():
-        torch.manual_seed(0)
-        LlamaForSequenceClassification(cfg).to(torch.bfloat16).save_pretrained(path)
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=["score"])
+    from trainables.models import compile_layers
+
     out = {}
-    for name, batch, seq, ckpt, targets, autocast in (
-        ("ours", 32, 256, False, "all-linear", True),
-        ("reference", 8, 512, True, ["q_proj", "k_proj", "v_proj", "o_proj"], False),
-    ):
-        model = AutoModelForSequenceClassification.from_pretrained(path, quantization_config=q, dtype=torch.bfloat16,
-                                                                   device_map={"": 0})
-        n_lin = sum(m.weight.numel() * (2 if m.weight.dtype == torch.uint8 else 1)
-                    for n, m in model.named_modules() if "layers" in n and hasattr(m, "weight") and m.weight is not None
-                    and m.weight.dim() == 2)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        if ckpt:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets, task_type="SEQ_CLS"))
-        for p in model.parameters():
-            if p.requires_grad and autocast:
-                p.data = p.data.float()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
-        x = torch.randint(1, 128000, (batch, seq), device="cuda")
-        y = torch.randint(0, 3, (batch,), device="cuda")
-        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else torch.autocast("cuda", enabled=False)
+    variants = [  # name, batch, seq, gradient checkpointing, LoRA targets, bf16 autocast, compile
+        ("reference", 8, 512, True, ["q_proj", "k_proj", "v_proj", "o_proj"], False, False),
+        ("ours", 32, 256, False, "all-linear", True, False),
+        ("ours_compile", 32, 256, False, "all-linear", True, True),
+    ]
+    for shape in os.environ.get("MFU_SHAPES", "1b,8b").split(","):
+        for name, batch, seq, ckpt, targets, autocast, compiled in variants:
+            key = f"{shape}_{name}"
+            try:
+                model, n_lin = nf4_model(shape)
+                if ckpt:
+                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                    model.enable_input_require_grads()
+                model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets, task_type="SEQ_CLS"))
+                for p in model.parameters():
+                    if p.requires_grad and autocast:
+                        p.data = p.data.float()
+                if compiled:
+                    compile_layers(model)
+                opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+                x = torch.randint(1, 128000, (batch, seq), device="cuda")
+                y = torch.randint(0, 3, (batch,), device="cuda")
+                ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else torch.autocast("cuda", enabled=False)
 
-        def step():
-            with ctx:
-                loss = torch.nn.functional.cross_entropy(model(input_ids=x).logits.float(), y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+                def step():
+                    with ctx:
+                        loss = torch.nn.functional.cross_entropy(model(input_ids=x).logits.float(), y)
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
 
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        n = 15
-        for _ in range(n):
-            step()
-        torch.cuda.synchronize()
-        tok_s = n * batch * seq / (time.perf_counter() - t)
-        out[f"tokens_per_s_1b_{name}"] = tok_s
-        out[f"mfu_1b_nf4_{name}"] = 4 * n_lin * tok_s / PEAK_BF16
-        out["params_counted_1b"] = n_lin
-        del model, opt
-        torch.cuda.empty_cache()
-    out["mfu_1b_nf4"] = out["mfu_1b_nf4_ours"]
-    save(out)
+                t = time.perf_counter()
+                for _ in range(3):
+                    step()
+                torch.cuda.synchronize()
+                warm_s = time.perf_counter() - t
+                t = time.perf_counter()
+                n = 10
+                for _ in range(n):
+                    step()
+                torch.cuda.synchronize()
+                tok_s = n * batch * seq / (time.perf_counter() - t)
+                out[f"tokens_per_s_{key}"] = tok_s
+                out[f"mfu_{key}"] = 4 * n_lin * tok_s / PEAK_BF16
+                out[f"warmup_s_{key}"] = warm_s
+                out[f"params_counted_{shape}"] = n_lin
+                out[f"peak_mem_gb_{key}"] = torch.cuda.max_memory_allocated() / 2**30
+                print(key, f"{tok_s:,.0f} tokens/s", f"MFU {out[f'mfu_{key}']:.3f}", flush=True)
+            except Exception as e:  # noqa: BLE001
+                out[f"error_{key}"] = f"{type(e).__name__}: {str(e)[:300]}"
+                print(key, out[f"error_{key}"], flush=True)
+            model = opt = None
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            torch._dynamo.reset()
+            save(out)
+        best = max((out.get(f"mfu_{shape}_ours", 0), out.get(f"mfu_{shape}_ours_compile", 0)))
+        out[f"mfu_{shape}_nf4"] = best
+        save(out)
 
 
 def bench_study8() -> None:
@@ -290,5 +380,82 @@ def bench_study8() -> None:
           "study8_best_approach": str(df.loc[df["best_eval_accuracy"].idxmax(), "approach"])})
 
 
+class GpuSampler:
+    """Mean GPU utilisation (NVML, every 0.5 s) of the given physical GPUs while a study runs."""
+
+    def __init__(self, gpus: list[int]):
+        import threading
+
+        import pynvml
+
+        pynvml.nvmlInit()
+        self.nvml, self.handles = pynvml, [pynvml.nvmlDeviceGetHandleByIndex(i) for i in gpus]
+        self.samples: list[list[float]] = []
+        self.mem: list[float] = [0.0] * len(gpus)
+        self.stop_flag = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop_flag.wait(0.5):
+            row = []
+            for i, h in enumerate(self.handles):
+                row.append(self.nvml.nvmlDeviceGetUtilizationRates(h).gpu)
+                self.mem[i] = max(self.mem[i], self.nvml.nvmlDeviceGetMemoryInfo(h).used / 2**30)
+            self.samples.append(row)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop_flag.set()
+        self.thread.join()
+
+    def busy(self, since: int = 0) -> float:
+        """Mean utilisation over all sampled GPUs (0..1), from sample ``since`` on."""
+        rows = self.samples[since:]
+        return sum(map(sum, rows)) / (100 * len(rows) * len(self.handles)) if rows else float("nan")
+
+
+def bench_study(tag: str, study_yaml: str, *sets: str) -> None:
+    """Run one study through the CLI on the GPUs in CUDA_VISIBLE_DEVICES and record trials per hour,
+    GPU utilisation, epochs, GPU-seconds and the best metric under ``study_<tag>``."""
+    import subprocess
+
+    from tuner.study import StudyRecord
+    from tuner.summary import compute_summary, study_rows
+    from trainables import runlog as R
+
+    gpus = [int(g) for g in os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")]
+    name = f"{tag}-{int(time.time())}"
+    args = [sys.executable, "-m", "tuner.cli", "run", study_yaml, "--name", name]
+    for kv in sets:
+        args += ["--set", kv]
+    with GpuSampler(gpus) as gs:
+        t = time.time()
+        p = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+        wall = time.time() - t
+    print(p.stdout[-4000:], p.stderr[-3000:])
+    rec = StudyRecord.load(name)
+    df = study_rows(rec)
+    summ = compute_summary(rec, df)
+    c = R.client(rec.tracking_uri)
+    rates = []
+    for run_id in df["run_id"]:
+        h = c.get_metric_history(run_id, "train_samples_per_second")
+        rates += [m.value for m in h]
+    col = f"best_{rec.study.metric}"
+    done = int((df["state"] == "completed").sum())
+    out = {"gpus": len(gpus), "card": card(), "wall_s": wall, "exit_code": p.returncode, "trials": int(len(df)),
+           "completed": done, "trials_per_hour": len(df) / wall * 3600, "epochs_run": summ["epochs_run"],
+           "epochs_per_hour": summ["epochs_run"] / wall * 3600, "gpu_util": gs.busy(), "gpu_mem_peak_gb": gs.mem,
+           "gpu_seconds": float(df["gpu_seconds"].sum()), "best": float(df[col].max()),
+           "trial_train_samples_per_s_median": float(sorted(rates)[len(rates) // 2]) if rates else None,
+           "states": summ["states"], "sets": list(sets)}
+    save({f"study_{tag}": out})
+
+
 if __name__ == "__main__":
-    {"speed": bench_speed, "packing": bench_packing, "mfu": bench_mfu, "study8": bench_study8}[sys.argv[1]]()
+    parts = {"speed": bench_speed, "packing": bench_packing, "mfu": bench_mfu, "study8": bench_study8,
+             "study": bench_study}
+    parts[sys.argv[1]](*sys.argv[2:])

@@ -125,3 +125,15 @@ def test_train_cli_prints_summary_and_writes_folder(tiny_csv, yaml_file, cli, tm
     # refuses to overwrite a finished output folder
     code, _, err = cli("train", cfg, "--output", tmp_path / "o")
     assert code == 2 and "not empty" in err
+
+
+def test_compile_setting_compiles_every_decoder_layer(tiny_csv):
+    """``training.compile`` wraps each decoder layer in torch.compile (the GPU benchmarks time it)."""
+    from trainables.config import RunConfig
+    from trainables.data import load_dataset
+    from trainables.loop import Trainer
+
+    cfg = RunConfig.model_validate(tiny_config(tiny_csv, **{"training.compile": True, "quantization": "none"}))
+    tr = Trainer(cfg, load_dataset(cfg.data), log=lambda *_: None)
+    layers = [m for m in tr.model.modules() if type(m).__name__ == "LlamaDecoderLayer"]
+    assert len(layers) == 2 and all(m._compiled_call_impl is not None for m in layers)

@@ -27,8 +27,9 @@ class Example:
     prompt_len: int = 0
 
 
-def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
+def _pad(seqs: list[list[int]], pad_id: int, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest sequence, rounded up to ``multiple`` (fewer distinct shapes)."""
+    width = -(-max(len(s) for s in seqs) // multiple) * multiple
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
@@ -45,6 +46,7 @@ class Approach:
         self.labels = label_names
         self.cfg = cfg
         self.max_length = cfg.training.max_length
+        self.pad_multiple = cfg.training.pad_to_multiple_of
 
     def _tokenize(self, texts: list[str], max_length: int | None) -> list[list[int]]:
         enc = self.tok(texts, add_special_tokens=False, truncation=max_length is not None,
@@ -74,7 +76,7 @@ class HeadApproach(Approach):
         return [Example(i, y) for i, y in zip(ids, labels)]
 
     def collate(self, batch, train):
-        ids, mask = _pad([e.input_ids for e in batch], self.tok.pad_token_id)
+        ids, mask = _pad([e.input_ids for e in batch], self.tok.pad_token_id, self.pad_multiple)
         return {"input_ids": ids, "attention_mask": mask,
                 "labels": torch.tensor([e.label for e in batch], dtype=torch.long)}
 
@@ -139,13 +141,13 @@ class GenerationApproach(Approach):
                 else:
                     for lab in self.label_ids:
                         rows.append(e.input_ids + lab); plens.append(e.prompt_len); owners.append(i)
-            ids, mask = _pad(rows, self.tok.pad_token_id)
+            ids, mask = _pad(rows, self.tok.pad_token_id, self.pad_multiple)
             targets = torch.full_like(ids, -100)
             for r, (seq, pl) in enumerate(zip(rows, plens)):
                 targets[r, pl: len(seq)] = ids[r, pl: len(seq)]
             return {"input_ids": ids, "attention_mask": mask, "targets": targets,
                     "labels": torch.tensor([e.label for e in batch], dtype=torch.long)}
-        ids, mask = _pad([e.input_ids for e in batch], self.tok.pad_token_id)
+        ids, mask = _pad([e.input_ids for e in batch], self.tok.pad_token_id, self.pad_multiple)
         return {"input_ids": ids, "attention_mask": mask,
                 "last": torch.tensor([e.prompt_len - 1 for e in batch], dtype=torch.long),
                 "labels": torch.tensor([e.label for e in batch], dtype=torch.long)}

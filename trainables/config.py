@@ -54,6 +54,11 @@ class TrainingSettings(_Strict):
     max_length: int = Field(128, ge=8, le=32768)
     optimizer: Literal["adamw", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw"
     gradient_checkpointing: bool = False
+    pad_to_multiple_of: int = Field(8, ge=1, le=1024)
+    """Batches are padded to their longest sequence rounded up to this: fewer distinct shapes."""
+    compile: bool = False
+    """``torch.compile`` each decoder layer (one graph serves them all): fewer kernel launches and
+    less Python per step, for a compile cost at the start of each run."""
     seed: int = 42
     bf16: Literal["auto", True, False] = "auto"
     select: Literal["best", "last"] = "best"

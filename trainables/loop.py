@@ -36,6 +36,7 @@ from trainables.data import Dataset
 from trainables.errors import InputError
 from trainables.models import (
     attach_lora,
+    compile_layers,
     device,
     load_base,
     load_tokenizer,
@@ -126,6 +127,8 @@ class Trainer:
         self.train_examples = self.approach.encode(data.train.texts, data.train.labels, train=True)
         base = load_base(cfg, self.model_path, len(data.label_names), self.tokenizer.pad_token_id, self.dev)
         self.model = attach_lora(base, cfg)
+        if t.compile:
+            compile_layers(self.model)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         D.broadcast_(self.trainable)
         self.class_weights = self._class_weights()
