@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import torch
 import pytest
 
 from tests.conftest import tiny_config
@@ -58,7 +59,8 @@ def test_generation_loss_only_on_label_tokens(tiny_csv):
     batch = tr.approach.collate([ex], train=True)
     label_tokens = tr.approach.label_ids[ex.label]
     assert (batch["targets"] != -100).sum() == len(label_tokens)
-    assert batch["targets"][0, ex.prompt_len:].tolist() == label_tokens
+    assert batch["targets"][0, ex.prompt_len:len(ex.input_ids)].tolist() == label_tokens
+    assert batch["input_ids"].shape[1] % tr.cfg.training.pad_to_multiple_of == 0
 
 
 def test_generation_full_scoring_gives_a_distribution_over_labels(tiny_csv):
@@ -137,3 +139,25 @@ def test_compile_setting_compiles_every_decoder_layer(tiny_csv):
     tr = Trainer(cfg, load_dataset(cfg.data), log=lambda *_: None)
     layers = [m for m in tr.model.modules() if type(m).__name__ == "LlamaDecoderLayer"]
     assert len(layers) == 2 and all(m._compiled_call_impl is not None for m in layers)
+
+
+@pytest.mark.parametrize("approach", ["head", "generation"])
+def test_reused_base_trains_exactly_like_a_fresh_load(tiny_csv, approach):
+    """Trials in a reused Ray worker copy a cached NF4 base instead of loading it: the adapter and
+    head they train must be the same as from a fresh load, and the cache must stay pristine."""
+    from trainables import models
+
+    cfg = RunConfig.model_validate(tiny_config(tiny_csv, approach=approach))
+    models._BASE_CACHE.clear()
+    fresh = Trainer(cfg, load_dataset(cfg.data), log=lambda *_: None)
+    fresh.fit()
+    runs = []
+    for _ in range(2):  # the second run copies the base the first one cached (and trained on top of)
+        tr = Trainer(cfg, load_dataset(cfg.data), log=lambda *_: None, reuse_base=True)
+        tr.fit()
+        runs.append(tr.trainable_state())
+    assert len(models._BASE_CACHE) == 1
+    for state in runs:
+        assert state.keys() == fresh.trainable_state().keys()
+        for k, v in fresh.trainable_state().items():
+            assert torch.equal(v, state[k]), k

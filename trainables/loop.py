@@ -38,6 +38,7 @@ from trainables.models import (
     attach_lora,
     compile_layers,
     device,
+    init_head,
     load_base,
     load_tokenizer,
     resolve_model,
@@ -110,7 +111,8 @@ class Trainer:
     share of each split; gradients and results are combined, so every worker holds the same adapter
     and the same metrics, and the hyperparameters mean the same on any number of workers."""
 
-    def __init__(self, cfg: RunConfig, data: Dataset, dev: torch.device | None = None, log=print):
+    def __init__(self, cfg: RunConfig, data: Dataset, dev: torch.device | None = None, log=print,
+                 reuse_base: bool = False):
         self.cfg, self.data, self.log = cfg, data, log
         self.dev = dev or device()
         self.rank, self.world = D.rank_and_world()
@@ -125,7 +127,10 @@ class Trainer:
         for name, split in data.splits().items():
             self.encoded[name] = self.approach.encode(split.texts, split.labels, train=False)
         self.train_examples = self.approach.encode(data.train.texts, data.train.labels, train=True)
-        base = load_base(cfg, self.model_path, len(data.label_names), self.tokenizer.pad_token_id, self.dev)
+        base = load_base(cfg, self.model_path, len(data.label_names), self.tokenizer.pad_token_id, self.dev,
+                         reuse=reuse_base)
+        seed_everything(t.seed)  # head and adapters start from the seed, however the base was obtained
+        init_head(base)
         self.model = attach_lora(base, cfg)
         if t.compile:
             compile_layers(self.model)

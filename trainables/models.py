@@ -201,11 +201,42 @@ def quantization_config(cfg: RunConfig, dev: torch.device, skip: list[str]):
     )
 
 
-def load_base(cfg: RunConfig, path: Path, num_labels: int, pad_token_id: int, dev: torch.device | None = None):
-    """The frozen base model for ``cfg.approach``; the head approach keeps ``score`` unquantized."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+_BASE_CACHE: dict[tuple, torch.nn.Module] = {}
+
+
+def load_base(cfg: RunConfig, path: Path, num_labels: int, pad_token_id: int, dev: torch.device | None = None,
+              reuse: bool = False):
+    """The frozen base model for ``cfg.approach``; the head approach keeps ``score`` unquantized
+    (a trainer gives it fresh weights with :func:`init_head`).
+
+    ``reuse`` keeps a pristine (quantized) copy per process and approach and hands out copies of
+    it: a Ray worker that runs trial after trial loads and quantizes the base once."""
+    import copy
 
     dev = dev or device()
+    if not reuse:
+        return _load_base(cfg, path, num_labels, pad_token_id, dev)
+    key = (str(path), cfg.approach, cfg.quantization, str(compute_dtype(cfg, dev)), num_labels, pad_token_id,
+           str(dev), cfg.trust_remote_code)
+    if key not in _BASE_CACHE:
+        if len(_BASE_CACHE) >= 2:  # at most one per approach (a study alternates between them)
+            _BASE_CACHE.clear()
+        _BASE_CACHE[key] = _load_base(cfg, path, num_labels, pad_token_id, dev)
+    return copy.deepcopy(_BASE_CACHE[key])
+
+
+def init_head(model):
+    """Fresh classification-head weights from the current random state (a no-op without a head)."""
+    score = getattr(model, "score", None)
+    if score is not None:
+        with torch.no_grad():
+            torch.nn.init.normal_(score.weight, std=getattr(model.config, "initializer_range", 0.02))
+    return model
+
+
+def _load_base(cfg: RunConfig, path: Path, num_labels: int, pad_token_id: int, dev: torch.device):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
     weights_dtype = compute_dtype(cfg, dev)
     head = cfg.approach == "head"
     kw = dict(

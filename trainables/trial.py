@@ -105,7 +105,8 @@ def _train(params: dict[str, Any], ctx: TrialContext, trial_id: str, trial_name:
     data = load_dataset(cfg.data)
     data.test = None  # the search never sees the test split
     started = time.time()
-    trainer = Trainer(cfg, data, dev=dev, log=lambda *_: None)
+    # a Ray worker runs trial after trial (Tune reuses actors): it loads and quantizes the base once
+    trainer = Trainer(cfg, data, dev=dev, log=lambda *_: None, reuse_base=True)
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             trainer.load_checkpoint(Path(d) / STATE_DIR)

@@ -260,7 +260,9 @@ def _tune_config(study: StudyConfig, space, max_concurrent: int | None):
         metric=study.metric, mode=study.mode, num_samples=study.num_trials, scheduler=scheduler,
         search_alg=make_searcher(space, study.approach, study.seed, study.num_trials, sch.max_epochs,
                                  study.metric, study.mode),
-        max_concurrent_trials=max_concurrent, reuse_actors=False, time_budget_s=study.time_budget_s,
+        max_concurrent_trials=max_concurrent,
+        # single-worker trials reuse their Ray actor: no process start, imports or model load per trial
+        reuse_actors=study.resources_per_trial.workers == 1, time_budget_s=study.time_budget_s,
     )
 
 
