@@ -430,7 +430,8 @@ def bench_study(tag: str, study_yaml: str, *sets: str) -> None:
     from tuner.summary import compute_summary, study_rows
     from trainables import runlog as R
 
-    gpus = [int(g) for g in os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = [int(g) for g in visible.split(",")] if visible else list(range(torch.cuda.device_count()))
     name = f"{tag}-{int(time.time())}"
     args = [sys.executable, "-m", "tuner.cli", "run", study_yaml, "--name", name]
     for kv in sets:
