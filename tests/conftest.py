@@ -15,10 +15,6 @@ ARTIFACTS = ROOT / "test-artifacts"
 
 # One home for the whole session; converted models are kept across sessions, study state is not.
 os.environ.setdefault("QLORA_TUNE_HOME", str(ROOT / ".state" / "test-home"))
-for _stale in ("studies", "mlflow", "ray_results"):
-    import shutil as _sh
-
-    _sh.rmtree(Path(os.environ["QLORA_TUNE_HOME"]) / _stale, ignore_errors=True)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray's token authentication stays on in tests too
 
@@ -26,6 +22,15 @@ from trainables.config import set_dotted  # noqa: E402
 from tuner.console import quiet_libraries  # noqa: E402
 
 quiet_libraries()
+
+
+def pytest_configure(config):
+    """Clear the last session's study state, once, in the pytest process only (worker processes
+    that import this module, e.g. spawned data-parallel workers, must not touch the live store)."""
+    import shutil
+
+    for stale in ("studies", "mlflow", "ray_results"):
+        shutil.rmtree(Path(os.environ["QLORA_TUNE_HOME"]) / stale, ignore_errors=True)
 
 
 def write(path: Path, text: str | bytes) -> Path:

@@ -299,3 +299,21 @@ def test_mlflow_server_away_mid_study_loses_no_metric(tmp_path, yaml_file, ray_c
     assert len(runs) == 1 and runs[0].data.tags[R.STATE_TAG] == "completed"
     steps = sorted({m.step for m in c.get_metric_history(runs[0].info.run_id, "eval_f1_macro")})
     assert steps == [1, 2, 3, 4, 5]
+
+
+def test_reused_actors_run_trial_after_trial_in_one_worker(tmp_path, yaml_file, ray_cluster, mlflow_server):
+    """``reuse_actors: true``: one Ray worker runs the trials one after another and only the first
+    loads the base; every trial still gets its own MLflow run and result."""
+    cfg = tiny_study(learnable_csv(tmp_path / "d.csv", repeats=4), num_trials=3, max_concurrent_trials=1,
+                     reuse_actors=True, **{"scheduler.type": "none", "scheduler.max_epochs": 1})
+    cfg["search"] = {"approach": {"choice": ["head"]}, "training.learning_rate": {"loguniform": [1e-3, 1e-2]}}
+    p = run_cli("run", yaml_file(cfg, "study.yaml"), "--name", "reused", "--address", ray_cluster, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    from tuner.study import StudyRecord
+
+    rec = StudyRecord.load("reused")
+    c, runs = _children(rec)
+    assert len(runs) == 3 and all(r.data.tags[R.STATE_TAG] == "completed" for r in runs)
+    assert len({r.data.tags[R.PID_TAG] for r in runs}) == 1  # one worker process ran them all
+    setup = sorted((r.info.start_time, r.data.metrics["setup_seconds"]) for r in runs)
+    assert setup[1][1] < setup[0][1] and setup[2][1] < setup[0][1], setup  # later trials copy the cached base

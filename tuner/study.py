@@ -261,8 +261,8 @@ def _tune_config(study: StudyConfig, space, max_concurrent: int | None):
         search_alg=make_searcher(space, study.approach, study.seed, study.num_trials, sch.max_epochs,
                                  study.metric, study.mode),
         max_concurrent_trials=max_concurrent,
-        # single-worker trials reuse their Ray actor: no process start, imports or model load per trial
-        reuse_actors=study.resources_per_trial.workers == 1, time_budget_s=study.time_budget_s,
+        # single-worker trials may reuse their Ray actor (a data-parallel trial's actor only coordinates)
+        reuse_actors=study.reuse_actors and study.resources_per_trial.workers == 1, time_budget_s=study.time_budget_s,
     )
 
 

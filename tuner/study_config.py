@@ -114,6 +114,11 @@ class StudyConfig(RunConfig):
     """Where Ray keeps trial checkpoints: a local folder (default: the qlora-tune home), a shared
     path or ``s3://...`` on multi-node clusters."""
     keep_checkpoints: int = Field(2, ge=1)
+    reuse_actors: bool = False
+    """Run trial after trial in the same Ray worker, which keeps a cached quantized base: no process
+    start, imports or model load per trial (1.18x trials/hour measured on one GPU). Off by default:
+    with Ray 2.60 a study whose driver was killed then failed to resume in tests, because Ray's
+    checkpoint bookkeeping restored a stale list and failed to delete a checkpoint already gone."""
     max_failures: int = Field(2, ge=0)
     tracking: Tracking = Tracking()
 
