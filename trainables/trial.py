@@ -183,7 +183,6 @@ def _relay_callback(queue):
 
 def _run_data_parallel(params: dict[str, Any], ctx: TrialContext, trial_id: str, trial_name: str, checkpoint) -> None:
     """Run the trial as a TorchTrainer (``ctx.workers`` workers) and relay its reports to Tune."""
-    import shutil
     import threading
 
     import ray.train
@@ -193,7 +192,7 @@ def _run_data_parallel(params: dict[str, Any], ctx: TrialContext, trial_id: str,
 
     queue, ack = (Queue(maxsize=1, actor_options={"num_cpus": 0}) for _ in range(2))
     name = f"{trial_name}-dp-{int(time.time())}"
-    storage = str(Path(ctx.storage_path) / ctx.study / "_data_parallel")
+    storage = f"{ctx.storage_path.rstrip('/')}/{ctx.study}/_data_parallel"  # a folder or s3://...
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"params": params, "ctx": dataclasses.asdict(ctx), "trial_id": trial_id,
@@ -232,4 +231,15 @@ def _run_data_parallel(params: dict[str, Any], ctx: TrialContext, trial_id: str,
         if "error" in outcome:
             raise outcome["error"]
     finally:
-        shutil.rmtree(Path(storage) / name, ignore_errors=True)  # Tune holds its own copy of each checkpoint
+        _remove(f"{storage}/{name}")  # Tune holds its own copy of each checkpoint
+
+
+def _remove(location: str) -> None:
+    """Delete a folder, local or on a pyarrow filesystem (``s3://...``); nothing if it is gone."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, path = pafs.FileSystem.from_uri(location) if "://" in location else (pafs.LocalFileSystem(), location)
+        fs.delete_dir(path)
+    except (FileNotFoundError, OSError):
+        pass
