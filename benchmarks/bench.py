@@ -415,9 +415,9 @@ class GpuSampler:
         self.stop_flag.set()
         self.thread.join()
 
-    def busy(self, since: int = 0) -> float:
-        """Mean utilisation over all sampled GPUs (0..1), from sample ``since`` on."""
-        rows = self.samples[since:]
+    def busy(self) -> float:
+        """Mean utilisation over all sampled GPUs (0..1)."""
+        rows = self.samples
         return sum(map(sum, rows)) / (100 * len(rows) * len(self.handles)) if rows else float("nan")
 
 

@@ -33,6 +33,15 @@ def pytest_configure(config):
         shutil.rmtree(Path(os.environ["QLORA_TUNE_HOME"]) / stale, ignore_errors=True)
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def write(path: Path, text: str | bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(text, bytes):
@@ -130,11 +139,7 @@ def ray_cli() -> str:
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real local Ray cluster (``ray start --head``), shared by every test; yields its address."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ray_bin = ray_cli()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",

@@ -117,12 +117,9 @@ def _find(obj, key):
 @pytest.fixture
 def two_nodes(tmp_path):
     """A head and a second node, each with one CPU, as separate `ray start` processes on loopback."""
-    import socket
+    from tests.conftest import free_port, ray_cli
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    from tests.conftest import ray_cli
+    port = free_port()
 
     ray_bin = ray_cli()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import torch
 
-from tests.conftest import learnable_csv, run_cli, tiny_config, tiny_study
+from tests.conftest import free_port, learnable_csv, run_cli, tiny_config, tiny_study
 from trainables import runlog as R
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _train(rank: int, cfg: dict, world: int = 1, port: int = 0, out: str = "") -> dict:
@@ -47,7 +40,7 @@ def test_two_workers_train_the_same_adapter_as_one(tmp_path):
     cfg = tiny_config(learnable_csv(tmp_path / "d.csv", repeats=4), **{"training.epochs": 2})
     one = _train(0, cfg)
     out = tmp_path / "two.pt"
-    mp.spawn(_train, args=(cfg, 2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_train, args=(cfg, 2, free_port(), str(out)), nprocs=2, join=True)
     two = torch.load(out, weights_only=False)
     assert one["adapter"].keys() == two["adapter"].keys()
     for name, w in one["adapter"].items():

@@ -118,7 +118,6 @@ class Trainer:
         self.rank, self.world = D.rank_and_world()
         t = cfg.training
         self.bf16 = use_bf16(cfg, self.dev)
-        seed_everything(t.seed)
         t0 = time.perf_counter()
         self.model_path = resolve_model(cfg.model)
         self.tokenizer = load_tokenizer(self.model_path, cfg.trust_remote_code)

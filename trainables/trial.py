@@ -84,7 +84,7 @@ def train_trial(params: dict[str, Any], ctx: TrialContext) -> None:
 
 
 def _train(params: dict[str, Any], ctx: TrialContext, trial_id: str, trial_name: str, checkpoint, report,
-           dev=None, cpus: float | None = None) -> None:
+           dev=None) -> None:
     """Train one trial's adapter (on one worker, or as one worker of a data-parallel trial), calling
     ``report(metrics, checkpoint_folder_or_None)`` every epoch. Only worker 0 logs and checkpoints."""
     import torch
@@ -97,9 +97,8 @@ def _train(params: dict[str, Any], ctx: TrialContext, trial_id: str, trial_name:
 
     cfg = trial_config(ctx, params)
     params = {k: decode_choice(v) for k, v in flat_params(params).items()}
-    cpus = ctx.cpus_per_trial if cpus is None else cpus
-    if cpus >= 1:
-        torch.set_num_threads(int(cpus))
+    if ctx.cpus_per_trial >= 1:  # per trial, or per worker of a data-parallel trial
+        torch.set_num_threads(int(ctx.cpus_per_trial))
     main = rank_and_world()[0] == 0
     run = TrialRun(ctx, trial_id, trial_name, cfg, params) if main else None
     data = load_dataset(cfg.data)
@@ -166,8 +165,7 @@ def _train_worker(config: dict) -> None:
             config["ack"].get()
         torch.distributed.barrier()
 
-    _train(config["params"], ctx, config["trial_id"], config["trial_name"], config["checkpoint"], report,
-           dev=dev, cpus=ctx.cpus_per_trial)
+    _train(config["params"], ctx, config["trial_id"], config["trial_name"], config["checkpoint"], report, dev=dev)
 
 
 def _relay_callback(queue):
