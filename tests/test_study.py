@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, learnable_csv, run_cli, tiny_study
+from tests.conftest import ROOT, learnable_csv, run_cli, tiny_config, tiny_study
 from trainables import runlog as R
 
 
@@ -317,3 +317,35 @@ def test_reused_actors_run_trial_after_trial_in_one_worker(tmp_path, yaml_file, 
     assert len({r.data.tags[R.PID_TAG] for r in runs}) == 1  # one worker process ran them all
     setup = sorted((r.info.start_time, r.data.metrics["setup_seconds"]) for r in runs)
     assert setup[1][1] < setup[0][1] and setup[2][1] < setup[0][1], setup  # later trials copy the cached base
+
+
+def test_trial_restored_from_its_final_checkpoint_leaves_its_run_finished(tmp_path, mlflow_server):
+    """A driver killed after a trial's last epoch makes Ray restore that trial from its final
+    checkpoint: the trial must end at once and leave its completed run FINISHED (not RUNNING)."""
+    import shutil
+
+    from ray import tune
+
+    from trainables.config import RunConfig
+    from trainables.trial import TrialContext, _train
+
+    c = R.client(mlflow_server)
+    exp = c.create_experiment(f"final-ckpt-{time.time_ns()}")
+    run_config = RunConfig.model_validate(tiny_config(learnable_csv(tmp_path / "d.csv"))).dump()
+    ctx = TrialContext(study="final-ckpt", run_config=run_config, cpus_per_trial=1, tracking_uri=mlflow_server,
+                       experiment_id=exp, parent_run_id="parent", metric="eval_f1_macro", max_epochs=1,
+                       gpu_per_trial=0.0)
+    saved, reports = tmp_path / "ckpt", []
+
+    def report(metrics, folder):
+        reports.append(metrics)
+        shutil.copytree(folder, saved)
+
+    _train({"training.learning_rate": 5e-3}, ctx, "t1", "trial_t1", None, report)
+    (run,) = R.find_runs(c, exp, "final-ckpt", "trial", "t1", "parent")
+    assert (run.info.status, run.data.tags[R.STATE_TAG]) == ("FINISHED", "completed") and len(reports) == 1
+    _train({"training.learning_rate": 5e-3}, ctx, "t1", "trial_t1", tune.Checkpoint.from_directory(saved), report)
+    (run,) = R.find_runs(c, exp, "final-ckpt", "trial", "t1", "parent")
+    assert (run.info.status, run.data.tags[R.STATE_TAG]) == ("FINISHED", "completed")
+    assert len(reports) == 1  # nothing trained or reported again
+    assert len(c.get_metric_history(run.info.run_id, "train_loss")) == 1

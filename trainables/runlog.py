@@ -103,6 +103,10 @@ class TrialRun:
 
     def _open(self, ctx, trial_id, trial_name, cfg, params) -> None:
         found = find_runs(self.c, ctx.experiment_id, ctx.study, "trial", trial_id, ctx.parent_run_id)
+        self.completed = bool(found) and found[0].data.tags.get(STATE_TAG) == "completed"
+        if self.completed:  # restored from its final checkpoint: the run was completed before it
+            self.run_id = found[0].info.run_id
+            return
         if found:
             self.run_id = found[0].info.run_id
             self.c.update_run(self.run_id, status="RUNNING")
@@ -167,3 +171,4 @@ class TrialRun:
             self.c.set_terminated(self.run_id, "FINISHED")
 
         self._retry(finish)
+        self.completed = True

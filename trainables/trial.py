@@ -109,6 +109,10 @@ def _train(params: dict[str, Any], ctx: TrialContext, trial_id: str, trial_name:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             trainer.load_checkpoint(Path(d) / STATE_DIR)
+            if trainer.epoch >= ctx.max_epochs:  # its final checkpoint: the trial had ended
+                if run and not run.completed:
+                    run.complete(Path(d) / MODEL_DIR, time.time() - started)
+                return
     if run:
         run.sync_history(trainer.history)
         run.log_metrics({"setup_seconds": trainer.setup_seconds}, step=trainer.epoch)
