@@ -4,6 +4,10 @@ card as its baseline; results go to benchmarks/results.json (merged) and are pri
     python benchmarks/bench.py speed      # 1 trial speed vs the reference recipe, 4 start-up share, 6 inference
     python benchmarks/bench.py packing    # 3 aggregate throughput with 1/2/4/8 trials sharing the GPU
     python benchmarks/bench.py mfu        # 2 model-FLOPs utilisation on a Llama-3.2-1B-shaped random model
+    python benchmarks/bench.py setup      # 4 in detail: set-up fresh / in a reused worker (CPU too)
+    python benchmarks/bench.py asha       # 5 ASHA against the same study without early stopping
+    python benchmarks/bench.py study8     # 7 the best valid accuracy of an 8-minute study
+    python benchmarks/bench.py study TAG YAML [key=value ...]   # any study: trials/hour, GPU use
 
 Needs the twitter-financial-news CSVs in .devdata/ and a CUDA GPU.
 """
@@ -51,7 +55,7 @@ def subset(n: int) -> Path:
 
 
 def ours(approach: str, quant: str, rows: int = 2000, epochs: int = 2, batch: int = 64, lr: float | None = None,
-         r: int = 16, eval_file: str = "valid.csv", warm: int = 10, reuse_base: bool = False, **training):
+         r: int = 16, eval_file: str = "valid.csv", warm: int = 10, reuse: bool = False, **training):
     """One run of our Trainer. Besides samples/s over the whole run, the steady rate after ``warm``
     optimizer steps: the same rule the reference recipe is timed by."""
     from trainables.config import RunConfig
@@ -66,7 +70,7 @@ def ours(approach: str, quant: str, rows: int = 2000, epochs: int = 2, batch: in
         "data": {"train": str(subset(rows)), "eval": str(DATA / eval_file), "label_names": LABELS},
     })
     t0 = time.perf_counter()
-    tr = Trainer(cfg, load_dataset(cfg.data), log=print, reuse_base=reuse_base)
+    tr = Trainer(cfg, load_dataset(cfg.data), log=print, reuse=reuse)
     marks: list[float] = []
     step = tr.optimizer.step
 
@@ -136,7 +140,7 @@ SPEED_VARIANTS = {
     "head_nf4_compile": ("head", "nf4", {"compile": True}),
     "generation_nf4": ("generation", "nf4", {}),
     "generation_nf4_compile": ("generation", "nf4", {"compile": True}),
-    "head_nf4_reused": ("head", "nf4", {"reuse_base": True}),  # a trial in a reused Ray worker
+    "head_nf4_reused": ("head", "nf4", {"reuse": True}),  # a trial in a reused Ray worker
     "head_none": ("head", "none", {}),
     "generation_none": ("generation", "none", {}),
 }
@@ -153,8 +157,8 @@ def bench_speed() -> None:
         if only and name not in only.split(","):
             continue
         try:
-            if extra.get("reuse_base"):
-                ours(approach, quant, epochs=1, **extra)  # the worker's first trial caches the base
+            if extra.get("reuse"):
+                ours(approach, quant, epochs=1, **extra)  # the worker's first trial fills its caches
             r = ours(approach, quant, **extra)
         except Exception as e:  # noqa: BLE001 - a variant that fails is reported, the others go on
             out[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
@@ -390,10 +394,12 @@ class GpuSampler:
     def __init__(self, gpus: list[int]):
         import threading
 
-        import pynvml
+        self.handles: list = []
+        if gpus:  # none: a dry run on the CPU
+            import pynvml
 
-        pynvml.nvmlInit()
-        self.nvml, self.handles = pynvml, [pynvml.nvmlDeviceGetHandleByIndex(i) for i in gpus]
+            pynvml.nvmlInit()
+            self.nvml, self.handles = pynvml, [pynvml.nvmlDeviceGetHandleByIndex(i) for i in gpus]
         self.samples: list[list[float]] = []
         self.mem: list[float] = [0.0] * len(gpus)
         self.stop_flag = threading.Event()
@@ -418,7 +424,7 @@ class GpuSampler:
     def busy(self) -> float:
         """Mean utilisation over all sampled GPUs (0..1)."""
         rows = self.samples
-        return sum(map(sum, rows)) / (100 * len(rows) * len(self.handles)) if rows else float("nan")
+        return sum(map(sum, rows)) / (100 * len(rows) * len(self.handles)) if rows and self.handles else float("nan")
 
 
 def bench_study(tag: str, study_yaml: str, *sets: str) -> None:
@@ -465,7 +471,54 @@ def bench_study(tag: str, study_yaml: str, *sets: str) -> None:
     save({f"study_{tag}": out})
 
 
+def bench_setup(repeats: str = "3") -> None:
+    """Item 4 in detail: a trial's set-up (tokenizer, tokenized splits, base, adapters, optimizer) in a
+    fresh process, and in a reused worker with only the base cached or everything cached. Runs on
+    the CPU too (then NF4 loading is slow and the fresh figure means little)."""
+    import statistics
+
+    from trainables import worker_cache as W
+    from trainables.config import RunConfig
+    from trainables.data import load_dataset
+    from trainables.loop import Trainer
+
+    out = {}
+    for approach in ("head", "generation"):
+        cfg = RunConfig.model_validate({
+            "model": "smollm2-135m", "approach": approach, "quantization": "nf4", "lora": {"r": 16, "alpha": 32},
+            "training": {"epochs": 1, "batch_size": 64, "max_length": 96},
+            "data": {"train": str(subset(2000)), "eval": str(DATA / "valid.csv"), "label_names": LABELS}})
+
+        def setup(reuse: bool) -> float:
+            return Trainer(cfg, load_dataset(cfg.data), log=lambda *_: None, reuse=reuse).setup_seconds
+
+        W.clear()
+        fresh = setup(False)
+        setup(True)  # the worker's first trial fills the caches
+        base_only, everything = [], []
+        for _ in range(int(repeats)):
+            W.clear("tokenizer", "encoded")
+            base_only.append(setup(True))
+            everything.append(setup(True))
+        out[f"setup_s_{approach}"] = {"fresh": fresh, "base_cached": statistics.median(base_only),
+                                      "all_cached": statistics.median(everything)}
+        save(out)
+
+
+def bench_asha(study_yaml: str = str(ROOT / "benchmarks" / "asha.yaml"), *sets: str) -> None:
+    """Item 5: one study with ASHA and its twin without early stopping (same trials count, space and
+    seed). Compute share: the larger of the epochs ratio and the GPU-seconds ratio."""
+    bench_study("asha", study_yaml, *sets, "scheduler.type=asha")
+    bench_study("noes", study_yaml, *sets, "scheduler.type=none")
+    r = json.loads(RESULTS.read_text())
+    a, n = r["study_asha"], r["study_noes"]
+    shares = [a["epochs_run"] / n["epochs_run"]] + ([a["gpu_seconds"] / n["gpu_seconds"]] if n["gpu_seconds"] else [])
+    save({"asha_compute_share": max(shares), "asha_epoch_share": shares[0],
+          "asha_best": a["best"], "asha_noes_best": n["best"], "asha_best_gap": n["best"] - a["best"]})
+
+
 if __name__ == "__main__":
     parts = {"speed": bench_speed, "packing": bench_packing, "mfu": bench_mfu, "study8": bench_study8,
-             "study": bench_study}
+             "study": bench_study, "asha": bench_asha,
+             "setup": bench_setup}
     parts[sys.argv[1]](*sys.argv[2:])

@@ -142,21 +142,27 @@ def test_compile_setting_compiles_every_decoder_layer(tiny_csv):
 
 
 @pytest.mark.parametrize("approach", ["head", "generation"])
-def test_reused_base_trains_exactly_like_a_fresh_load(tiny_csv, approach):
-    """Trials in a reused Ray worker copy a cached NF4 base instead of loading it: the adapter and
-    head they train must be the same as from a fresh load, and the cache must stay pristine."""
-    from trainables import models
+def test_reused_worker_trains_exactly_like_a_fresh_one(tiny_csv, approach):
+    """Trials in a reused Ray worker share the cached tokenizer and tokenized splits and copy a cached
+    NF4 base: the adapter and head they train must be the same as from a fresh load, and the caches
+    must stay pristine."""
+    from trainables import worker_cache
 
     cfg = RunConfig.model_validate(tiny_config(tiny_csv, approach=approach))
-    models._BASE_CACHE.clear()
+    worker_cache.clear()
     fresh = Trainer(cfg, load_dataset(cfg.data), log=lambda *_: None)
     fresh.fit()
-    runs = []
-    for _ in range(2):  # the second run copies the base the first one cached (and trained on top of)
-        tr = Trainer(cfg, load_dataset(cfg.data), log=lambda *_: None, reuse_base=True)
+    runs, examples = [], []
+    for _ in range(2):  # the second run reuses what the first one cached (and trained on top of)
+        tr = Trainer(cfg, load_dataset(cfg.data), log=lambda *_: None, reuse=True)
         tr.fit()
         runs.append(tr.trainable_state())
-    assert len(models._BASE_CACHE) == 1
+        examples.append(tr.train_examples)
+    assert [worker_cache.entries(s) for s in ("tokenizer", "encoded", "base")] == [1, 4, 1]  # train, eval, test, train as trained on
+    assert examples[0] is examples[1] and examples[0] == fresh.train_examples
+    other = RunConfig.model_validate(tiny_config(tiny_csv, approach=approach, **{"training.max_length": 12}))
+    shorter = Trainer(other, load_dataset(other.data), log=lambda *_: None, reuse=True).train_examples
+    assert max(len(e.input_ids) for e in shorter) <= 12 < max(len(e.input_ids) for e in examples[0])
     for state in runs:
         assert state.keys() == fresh.trainable_state().keys()
         for k, v in fresh.trainable_state().items():

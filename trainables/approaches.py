@@ -53,6 +53,10 @@ class Approach:
                        max_length=max_length)
         return enc["input_ids"]
 
+    def encoding_key(self) -> tuple:
+        """Everything besides the tokenizer and the texts that shapes :meth:`encode`'s output."""
+        return (self.name, self.max_length)
+
     # interface
     def encode(self, texts: list[str], labels: list[int] | None = None, train: bool = False) -> list[Example]:
         raise NotImplementedError
@@ -120,6 +124,9 @@ class GenerationApproach(Approach):
                 f"training.max_length: {self.max_length} tokens leave no room for the text after the prompt "
                 f"template ({len(self.prefix) + len(self.suffix)} tokens) and the longest label"
             )
+
+    def encoding_key(self):
+        return (self.name, self.text_budget, tuple(self.prefix), tuple(self.suffix), tuple(map(tuple, self.label_ids)))
 
     def prompt_ids(self, texts: list[str]) -> list[list[int]]:
         return [self.prefix + t + self.suffix for t in self._tokenize(texts, self.text_budget)]

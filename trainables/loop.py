@@ -44,6 +44,7 @@ from trainables.models import (
     resolve_model,
 )
 from trainables.paths import build_atomically
+from trainables.worker_cache import cached, digest
 
 
 @dataclass
@@ -109,10 +110,13 @@ class Trainer:
     Inside an initialized ``torch.distributed`` process group (a data-parallel trial) each worker
     trains on its share of every global batch of ``training.batch_size`` examples and evaluates its
     share of each split; gradients and results are combined, so every worker holds the same adapter
-    and the same metrics, and the hyperparameters mean the same on any number of workers."""
+    and the same metrics, and the hyperparameters mean the same on any number of workers.
+
+    ``reuse`` takes what earlier runs in this process loaded (:mod:`trainables.worker_cache`): the
+    tokenizer, the tokenized splits and a copy of the quantized base; the run is the same either way."""
 
     def __init__(self, cfg: RunConfig, data: Dataset, dev: torch.device | None = None, log=print,
-                 reuse_base: bool = False):
+                 reuse: bool = False):
         self.cfg, self.data, self.log = cfg, data, log
         self.dev = dev or device()
         self.rank, self.world = D.rank_and_world()
@@ -120,14 +124,12 @@ class Trainer:
         self.bf16 = use_bf16(cfg, self.dev)
         t0 = time.perf_counter()
         self.model_path = resolve_model(cfg.model)
-        self.tokenizer = load_tokenizer(self.model_path, cfg.trust_remote_code)
+        self.tokenizer = load_tokenizer(self.model_path, cfg.trust_remote_code, reuse=reuse)
         self.approach = make_approach(self.tokenizer, data.label_names, cfg)
-        self.encoded: dict[str, list[Example]] = {}
-        for name, split in data.splits().items():
-            self.encoded[name] = self.approach.encode(split.texts, split.labels, train=False)
-        self.train_examples = self.approach.encode(data.train.texts, data.train.labels, train=True)
+        self.encoded = {name: self._encode(split, False, reuse) for name, split in data.splits().items()}
+        self.train_examples = self._encode(data.train, True, reuse)
         base = load_base(cfg, self.model_path, len(data.label_names), self.tokenizer.pad_token_id, self.dev,
-                         reuse=reuse_base)
+                         reuse=reuse)
         seed_everything(t.seed)  # head and adapters start from the seed, however the base was obtained
         init_head(base)
         self.model = attach_lora(base, cfg)
@@ -152,6 +154,17 @@ class Trainer:
         self.setup_seconds = time.perf_counter() - t0
 
     # ----------------------------------------------------------------- pieces
+
+    def _encode(self, split, train: bool, reuse: bool) -> list[Example]:
+        """A split's examples; with ``reuse``, shared (read-only) with earlier runs in this process
+        that encoded the same texts the same way."""
+        def encode():
+            return self.approach.encode(split.texts, split.labels, train=train)
+
+        if not reuse:
+            return encode()
+        key = (str(self.model_path), self.approach.encoding_key(), train, digest(split.texts, split.labels))
+        return cached("encoded", key, encode)
 
     def _class_weights(self) -> torch.Tensor | None:
         if self.cfg.approach != "head" or self.cfg.head.class_weights == "none":

@@ -18,6 +18,7 @@ from filelock import FileLock
 from trainables.config import LoraSettings, RunConfig
 from trainables.errors import InputError
 from trainables.paths import build_atomically, models_dir
+from trainables.worker_cache import cached
 
 EMBEDDED = "smollm2-135m"
 TINY = "tiny-random-llama"
@@ -177,7 +178,11 @@ def compute_dtype(cfg: RunConfig, dev: torch.device) -> torch.dtype:
     return getattr(torch, cfg.compute_dtype)
 
 
-def load_tokenizer(path: Path, trust_remote_code: bool = False):
+def load_tokenizer(path: Path, trust_remote_code: bool = False, reuse: bool = False):
+    """The model's tokenizer, right-padded, with a pad token. ``reuse`` shares one per process and path
+    (read-only: nothing changes a tokenizer after this)."""
+    if reuse:
+        return cached("tokenizer", (str(path), trust_remote_code), lambda: load_tokenizer(path, trust_remote_code))
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -201,9 +206,6 @@ def quantization_config(cfg: RunConfig, dev: torch.device, skip: list[str]):
     )
 
 
-_BASE_CACHE: dict[tuple, torch.nn.Module] = {}
-
-
 def load_base(cfg: RunConfig, path: Path, num_labels: int, pad_token_id: int, dev: torch.device | None = None,
               reuse: bool = False):
     """The frozen base model for ``cfg.approach``; the head approach keeps ``score`` unquantized
@@ -218,11 +220,7 @@ def load_base(cfg: RunConfig, path: Path, num_labels: int, pad_token_id: int, de
         return _load_base(cfg, path, num_labels, pad_token_id, dev)
     key = (str(path), cfg.approach, cfg.quantization, str(compute_dtype(cfg, dev)), num_labels, pad_token_id,
            str(dev), cfg.trust_remote_code)
-    if key not in _BASE_CACHE:
-        if len(_BASE_CACHE) >= 2:  # at most one per approach (a study alternates between them)
-            _BASE_CACHE.clear()
-        _BASE_CACHE[key] = _load_base(cfg, path, num_labels, pad_token_id, dev)
-    return copy.deepcopy(_BASE_CACHE[key])
+    return copy.deepcopy(cached("base", key, lambda: _load_base(cfg, path, num_labels, pad_token_id, dev)))
 
 
 def init_head(model):

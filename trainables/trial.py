@@ -41,6 +41,8 @@ class TrialContext:
     workers: int = 1
     gpus_per_worker: float = 0.0
     storage_path: str = ""
+    reuse: bool = False
+    """Tune reuses this trial's actor: keep the tokenizer, tokenized splits and quantized base for the next trial."""
 
 
 def trial_config(ctx: TrialContext, params: dict[str, Any]):
@@ -104,8 +106,8 @@ def _train(params: dict[str, Any], ctx: TrialContext, trial_id: str, trial_name:
     data = load_dataset(cfg.data)
     data.test = None  # the search never sees the test split
     started = time.time()
-    # a Ray worker runs trial after trial (Tune reuses actors): it loads and quantizes the base once
-    trainer = Trainer(cfg, data, dev=dev, log=lambda *_: None, reuse_base=True)
+    # with reused actors a Ray worker runs trial after trial: it tokenizes and quantizes once
+    trainer = Trainer(cfg, data, dev=dev, log=lambda *_: None, reuse=ctx.reuse)
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             trainer.load_checkpoint(Path(d) / STATE_DIR)

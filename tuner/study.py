@@ -144,7 +144,8 @@ def _context(rec: StudyRecord, res: dict[str, float]) -> TrialContext:
                         tracking_uri=rec.tracking_uri, experiment_id=rec.experiment_id,
                         parent_run_id=rec.parent_run_id, metric=s.metric, max_epochs=s.scheduler.max_epochs,
                         gpu_per_trial=res["gpu"], workers=r.workers,
-                        gpus_per_worker=res["gpu"] / r.workers, storage_path=rec.storage_path)
+                        gpus_per_worker=res["gpu"] / r.workers, storage_path=rec.storage_path,
+                        reuse=_reuse_actors(s))
 
 
 def _trainable(rec: StudyRecord, res: dict[str, float]):
@@ -261,9 +262,13 @@ def _tune_config(study: StudyConfig, space, max_concurrent: int | None):
         search_alg=make_searcher(space, study.approach, study.seed, study.num_trials, sch.max_epochs,
                                  study.metric, study.mode),
         max_concurrent_trials=max_concurrent,
-        # single-worker trials may reuse their Ray actor (a data-parallel trial's actor only coordinates)
-        reuse_actors=study.reuse_actors and study.resources_per_trial.workers == 1, time_budget_s=study.time_budget_s,
+        reuse_actors=_reuse_actors(study), time_budget_s=study.time_budget_s,
     )
+
+
+def _reuse_actors(study: StudyConfig) -> bool:
+    """Single-worker trials may reuse their Ray actor (a data-parallel trial's actor only coordinates)."""
+    return study.reuse_actors and study.resources_per_trial.workers == 1
 
 
 def _run_config(rec: StudyRecord, study: StudyConfig):
