@@ -349,3 +349,22 @@ def test_trial_restored_from_its_final_checkpoint_leaves_its_run_finished(tmp_pa
     assert (run.info.status, run.data.tags[R.STATE_TAG]) == ("FINISHED", "completed")
     assert len(reports) == 1  # nothing trained or reported again
     assert len(c.get_metric_history(run.info.run_id, "train_loss")) == 1
+
+
+def test_resumed_trial_skips_a_checkpoint_deleted_after_rays_last_snapshot(tmp_path):
+    """Ray 2.60 keeps, in a resumed study, checkpoints deleted after its last snapshot; deleting one
+    again must not kill the study (tuner/ray_compat.py)."""
+    from ray.train import Checkpoint, CheckpointConfig
+    from ray.train._internal.checkpoint_manager import _CheckpointManager, _TrainingResult
+
+    from tuner.ray_compat import tolerate_deleted_checkpoints
+
+    tolerate_deleted_checkpoints()
+    tolerate_deleted_checkpoints()  # idempotent
+    kept = tmp_path / "epoch2"
+    kept.mkdir()
+    (tmp_path / "epoch3").mkdir()
+    manager = _CheckpointManager(CheckpointConfig(num_to_keep=1))
+    for folder in (tmp_path / "gone-before-the-resume", kept, tmp_path / "epoch3"):
+        manager.register_checkpoint(_TrainingResult(checkpoint=Checkpoint(str(folder)), metrics={}))
+    assert not kept.exists() and (tmp_path / "epoch3").exists()  # deleting still works

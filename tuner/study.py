@@ -82,6 +82,9 @@ def connect(address: str | None, runtime_env: dict | None = None) -> None:
 
     import ray
 
+    from tuner.ray_compat import tolerate_deleted_checkpoints
+
+    tolerate_deleted_checkpoints()
     if ray.is_initialized():
         return
     env_vars = {k: os.environ[k] for k in ("QLORA_TUNE_HOME", "QLORA_TUNE_SMOLLM2_GGUF", "HF_HUB_OFFLINE")
