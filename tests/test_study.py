@@ -44,19 +44,23 @@ def test_study_over_both_approaches_with_asha(finished_study):
     assert best in s.stdout
 
 
-def test_driver_sigkill_then_resume_completes_with_one_run_per_trial(tmp_path, yaml_file, ray_cluster, mlflow_server):
-    cfg = tiny_study(learnable_csv(tmp_path / "d.csv", repeats=150), num_trials=4,
-                     **{"scheduler.type": "none", "scheduler.max_epochs": 3})
+@pytest.mark.parametrize("reuse", [False, True], ids=["fresh-actors", "reused-actors"])
+def test_driver_sigkill_then_resume_completes_with_one_run_per_trial(tmp_path, yaml_file, ray_cluster, mlflow_server,
+                                                                     reuse):
+    name = f"killed-{reuse}".lower()
+    # reused workers skip most of a trial's set-up: more rows keep the study running until the kill
+    cfg = tiny_study(learnable_csv(tmp_path / "d.csv", repeats=400 if reuse else 150), num_trials=4,
+                     reuse_actors=reuse, **{"scheduler.type": "none", "scheduler.max_epochs": 3})
     cfg["search"] = {"approach": {"choice": ["head"]}, "training.learning_rate": {"loguniform": [1e-3, 1e-2]}}
     study = yaml_file(cfg, name="study.yaml")
     env = {**os.environ}
-    proc = _start(study, "killed", ray_cluster, env=env)
+    proc = _start(study, name, ray_cluster, env=env)
     from tuner.study import StudyRecord
 
     deadline = time.time() + 300
     while time.time() < deadline:  # wait until a trial has finished and Ray has saved state
         try:
-            rec = StudyRecord.load("killed")
+            rec = StudyRecord.load(name)
             _, runs = _children(rec)
             if any(r.data.tags.get(R.STATE_TAG) == "completed" for r in runs):
                 break
@@ -69,9 +73,9 @@ def test_driver_sigkill_then_resume_completes_with_one_run_per_trial(tmp_path, y
     proc.wait()
     _, before = _children(rec)
     done_before = {r.data.tags[R.TRIAL_TAG] for r in before if r.data.tags.get(R.STATE_TAG) == "completed"}
-    p = run_cli("resume", "killed", "--address", ray_cluster, timeout=900)
+    p = run_cli("resume", name, "--address", ray_cluster, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    rec = StudyRecord.load("killed")
+    rec = StudyRecord.load(name)
     c, runs = _children(rec)
     ids = [r.data.tags[R.TRIAL_TAG] for r in runs]
     assert len(ids) == len(set(ids)) == 4, ids
