@@ -54,21 +54,28 @@ def subset(n: int) -> Path:
     return out
 
 
-def ours(approach: str, quant: str, rows: int = 2000, epochs: int = 2, batch: int = 64, lr: float | None = None,
-         r: int = 16, eval_file: str = "valid.csv", warm: int = 10, reuse: bool = False, **training):
-    """One run of our Trainer. Besides samples/s over the whole run, the steady rate after ``warm``
-    optimizer steps: the same rule the reference recipe is timed by."""
+def run_config(approach: str, quant: str = "nf4", rows: int = 2000, epochs: int = 2, batch: int = 64,
+               lr: float | None = None, r: int = 16, eval_file: str = "valid.csv", **training):
+    """Our settings for SmolLM2-135M on ``rows`` tweets of twitter-financial-news."""
     from trainables.config import RunConfig
-    from trainables.data import load_dataset
-    from trainables.loop import Trainer
 
-    cfg = RunConfig.model_validate({
+    return RunConfig.model_validate({
         "model": "smollm2-135m", "approach": approach, "quantization": quant,
         "lora": {"r": r, "alpha": 2 * r, "dropout": 0.05},
         "training": {"epochs": epochs, "batch_size": batch, "eval_batch_size": 512, "max_length": 96,
                      "learning_rate": lr or (5e-4 if approach == "head" else 3e-4), "select": "last", **training},
         "data": {"train": str(subset(rows)), "eval": str(DATA / eval_file), "label_names": LABELS},
     })
+
+
+def ours(approach: str, quant: str, rows: int = 2000, epochs: int = 2, batch: int = 64, lr: float | None = None,
+         r: int = 16, eval_file: str = "valid.csv", warm: int = 10, reuse: bool = False, **training):
+    """One run of our Trainer. Besides samples/s over the whole run, the steady rate after ``warm``
+    optimizer steps: the same rule the reference recipe is timed by."""
+    from trainables.data import load_dataset
+    from trainables.loop import Trainer
+
+    cfg = run_config(approach, quant, rows, epochs, batch, lr, r, eval_file, **training)
     t0 = time.perf_counter()
     tr = Trainer(cfg, load_dataset(cfg.data), log=print, reuse=reuse)
     marks: list[float] = []
@@ -478,16 +485,12 @@ def bench_setup(repeats: str = "3") -> None:
     import statistics
 
     from trainables import worker_cache as W
-    from trainables.config import RunConfig
     from trainables.data import load_dataset
     from trainables.loop import Trainer
 
     out = {}
     for approach in ("head", "generation"):
-        cfg = RunConfig.model_validate({
-            "model": "smollm2-135m", "approach": approach, "quantization": "nf4", "lora": {"r": 16, "alpha": 32},
-            "training": {"epochs": 1, "batch_size": 64, "max_length": 96},
-            "data": {"train": str(subset(2000)), "eval": str(DATA / "valid.csv"), "label_names": LABELS}})
+        cfg = run_config(approach, epochs=1)
 
         def setup(reuse: bool) -> float:
             return Trainer(cfg, load_dataset(cfg.data), log=lambda *_: None, reuse=reuse).setup_seconds

@@ -157,9 +157,10 @@ def test_reused_worker_trains_exactly_like_a_fresh_one(tiny_csv, approach):
         tr = Trainer(cfg, load_dataset(cfg.data), log=lambda *_: None, reuse=True)
         tr.fit()
         runs.append(tr.trainable_state())
-        examples.append(tr.train_examples)
-    assert [worker_cache.entries(s) for s in ("tokenizer", "encoded", "base")] == [1, 4, 1]  # train, eval, test, train as trained on
-    assert examples[0] is examples[1] and examples[0] == fresh.train_examples
+        examples.append(tr.encoded["train"])
+        assert tr.train_examples == fresh.train_examples
+    assert [worker_cache.entries(s) for s in ("tokenizer", "encoded", "base")] == [1, 3, 1]  # train, eval, test
+    assert examples[0] is examples[1] and examples[0] == fresh.encoded["train"]
     other = RunConfig.model_validate(tiny_config(tiny_csv, approach=approach, **{"training.max_length": 12}))
     shorter = Trainer(other, load_dataset(other.data), log=lambda *_: None, reuse=True).train_examples
     assert max(len(e.input_ids) for e in shorter) <= 12 < max(len(e.input_ids) for e in examples[0])

@@ -58,8 +58,13 @@ class Approach:
         return (self.name, self.max_length)
 
     # interface
-    def encode(self, texts: list[str], labels: list[int] | None = None, train: bool = False) -> list[Example]:
+    def encode(self, texts: list[str], labels: list[int] | None = None) -> list[Example]:
+        """Examples to score (and, through :meth:`training_examples`, to train on)."""
         raise NotImplementedError
+
+    def training_examples(self, examples: list[Example]) -> list[Example]:
+        """What training feeds the model for labelled ``examples`` from :meth:`encode`."""
+        return examples
 
     def collate(self, batch: list[Example], train: bool) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -74,7 +79,7 @@ class Approach:
 class HeadApproach(Approach):
     name = "head"
 
-    def encode(self, texts, labels=None, train=False):
+    def encode(self, texts, labels=None):
         ids = self._tokenize(texts, self.max_length)
         labels = labels if labels is not None else [-1] * len(texts)
         return [Example(i, y) for i, y in zip(ids, labels)]
@@ -131,12 +136,14 @@ class GenerationApproach(Approach):
     def prompt_ids(self, texts: list[str]) -> list[list[int]]:
         return [self.prefix + t + self.suffix for t in self._tokenize(texts, self.text_budget)]
 
-    def encode(self, texts, labels=None, train=False):
+    def encode(self, texts, labels=None):
         prompts = self.prompt_ids(texts)
         labels = labels if labels is not None else [-1] * len(texts)
-        if train:
-            return [Example(p + self.label_ids[y], y, len(p)) for p, y in zip(prompts, labels)]
         return [Example(p, y, len(p)) for p, y in zip(prompts, labels)]
+
+    def training_examples(self, examples):
+        """The prompt followed by its label's tokens (the loss falls on those only)."""
+        return [Example(e.input_ids + self.label_ids[e.label], e.label, e.prompt_len) for e in examples]
 
     def collate(self, batch, train):
         if train or not self.first_token:

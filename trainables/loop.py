@@ -126,8 +126,8 @@ class Trainer:
         self.model_path = resolve_model(cfg.model)
         self.tokenizer = load_tokenizer(self.model_path, cfg.trust_remote_code, reuse=reuse)
         self.approach = make_approach(self.tokenizer, data.label_names, cfg)
-        self.encoded = {name: self._encode(split, False, reuse) for name, split in data.splits().items()}
-        self.train_examples = self._encode(data.train, True, reuse)
+        self.encoded = {name: self._encode(split, reuse) for name, split in data.splits().items()}
+        self.train_examples = self.approach.training_examples(self.encoded["train"])
         base = load_base(cfg, self.model_path, len(data.label_names), self.tokenizer.pad_token_id, self.dev,
                          reuse=reuse)
         seed_everything(t.seed)  # head and adapters start from the seed, however the base was obtained
@@ -155,15 +155,15 @@ class Trainer:
 
     # ----------------------------------------------------------------- pieces
 
-    def _encode(self, split, train: bool, reuse: bool) -> list[Example]:
+    def _encode(self, split, reuse: bool) -> list[Example]:
         """A split's examples; with ``reuse``, shared (read-only) with earlier runs in this process
         that encoded the same texts the same way."""
         def encode():
-            return self.approach.encode(split.texts, split.labels, train=train)
+            return self.approach.encode(split.texts, split.labels)
 
         if not reuse:
             return encode()
-        key = (str(self.model_path), self.approach.encoding_key(), train, digest(split.texts, split.labels))
+        key = (str(self.model_path), self.approach.encoding_key(), digest(split.texts, split.labels))
         return cached("encoded", key, encode)
 
     def _class_weights(self) -> torch.Tensor | None:
@@ -286,6 +286,11 @@ class Trainer:
                  "best": {"value": self.best.value, "epoch": self.best.epoch, "report": self.best.report}
                  if self.best else None}
         (folder / "trainer_state.json").write_text(json.dumps(state))
+
+    @staticmethod
+    def checkpoint_epoch(folder: Path) -> int:
+        """The number of epochs a checkpoint written by :meth:`save_checkpoint` holds."""
+        return json.loads((Path(folder) / "trainer_state.json").read_text())["epoch"]
 
     def load_checkpoint(self, folder: Path) -> None:
         folder = Path(folder)

@@ -13,6 +13,7 @@ never sees the test split.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import tempfile
 import time
@@ -103,18 +104,19 @@ def _train(params: dict[str, Any], ctx: TrialContext, trial_id: str, trial_name:
         torch.set_num_threads(int(ctx.cpus_per_trial))
     main = rank_and_world()[0] == 0
     run = TrialRun(ctx, trial_id, trial_name, cfg, params) if main else None
-    data = load_dataset(cfg.data)
-    data.test = None  # the search never sees the test split
     started = time.time()
-    # with reused actors a Ray worker runs trial after trial: it tokenizes and quantizes once
-    trainer = Trainer(cfg, data, dev=dev, log=lambda *_: None, reuse=ctx.reuse)
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
+    with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as d:
+        if d and Trainer.checkpoint_epoch(Path(d) / STATE_DIR) >= ctx.max_epochs:
+            # restored from its final checkpoint: the trial had ended (its run completed before)
+            if run and not run.completed:
+                run.complete(Path(d) / MODEL_DIR, time.time() - started)
+            return
+        data = load_dataset(cfg.data)
+        data.test = None  # the search never sees the test split
+        # with reused actors a Ray worker runs trial after trial: it tokenizes and quantizes once
+        trainer = Trainer(cfg, data, dev=dev, log=lambda *_: None, reuse=ctx.reuse)
+        if d:
             trainer.load_checkpoint(Path(d) / STATE_DIR)
-            if trainer.epoch >= ctx.max_epochs:  # its final checkpoint: the trial had ended
-                if run and not run.completed:
-                    run.complete(Path(d) / MODEL_DIR, time.time() - started)
-                return
     if run:
         run.sync_history(trainer.history)
         run.log_metrics({"setup_seconds": trainer.setup_seconds}, step=trainer.epoch)
