@@ -372,3 +372,28 @@ def test_resumed_trial_skips_a_checkpoint_deleted_after_rays_last_snapshot(tmp_p
     for folder in (tmp_path / "gone-before-the-resume", kept, tmp_path / "epoch3"):
         manager.register_checkpoint(_TrainingResult(checkpoint=Checkpoint(str(folder)), metrics={}))
     assert not kept.exists() and (tmp_path / "epoch3").exists()  # deleting still works
+
+
+def test_runs_of_trials_lost_with_a_dead_driver_are_dropped_at_the_end(mlflow_server):
+    """A driver killed after starting a trial but before Ray's next snapshot leaves that trial's run
+    open, and the resumed study samples another trial instead: the orphan must not stay RUNNING
+    (the study would call itself interrupted) nor count as a trial; known trials' runs are untouched."""
+    from ray.tune.experiment import Trial
+
+    from tuner.callbacks import StudyCallback
+
+    c = R.client(mlflow_server)
+    exp = c.create_experiment(f"lost-{time.time_ns()}")
+
+    def trial_run(trial_id: str) -> str:
+        tags = {R.STUDY_TAG: "lost", R.KIND_TAG: "trial", R.TRIAL_TAG: trial_id, "mlflow.parentRunId": "parent"}
+        return c.create_run(exp, tags=tags).info.run_id
+
+    lost, known = trial_run("ghost"), trial_run("t1")
+    cb = StudyCallback("lost", mlflow_server, exp, "parent", 3, "eval_f1_macro", "max")
+    cb.on_experiment_end(trials=[Trial("train_trial", config={}, trial_id="t1", stub=True)])
+    ghost = c.get_run(lost)
+    assert ghost.info.lifecycle_stage == "deleted" and ghost.info.status == "KILLED"
+    assert ghost.data.tags[R.STATE_TAG] == "lost"
+    assert c.get_run(known).info.status == "RUNNING"
+    assert [r.data.tags[R.TRIAL_TAG] for r in R.find_runs(c, exp, "lost", "trial", parent_run_id="parent")] == ["t1"]

@@ -15,7 +15,7 @@ from trainables.config import RunConfig
 
 STUDY_TAG = "qlora_tune.study"
 TRIAL_TAG = "qlora_tune.trial_id"
-STATE_TAG = "qlora_tune.state"  # running | completed | stopped_early | errored | interrupted
+STATE_TAG = "qlora_tune.state"  # running | completed | stopped_early | errored | interrupted | lost
 REASON_TAG = "qlora_tune.reason"
 KIND_TAG = "qlora_tune.kind"  # study | trial
 NODE_TAG = "qlora_tune.node_id"  # the Ray node the trial (last) ran on

@@ -1,5 +1,5 @@
 """Driver-side Tune callback: live trials table, and closing the MLflow run of each trial that
-ends outside the trial's own code (stopped by ASHA, or errored)."""
+ends outside the trial's own code (stopped by ASHA, or errored, or lost with a driver that died)."""
 
 from __future__ import annotations
 
@@ -59,6 +59,7 @@ class StudyCallback(Callback):
         self._print(trials, force=True)
 
     def on_experiment_end(self, trials, **info):
+        self._drop_lost_runs(trials)
         self._print(trials, force=True)
 
     def _print(self, trials, force: bool = False) -> None:
@@ -70,6 +71,25 @@ class StudyCallback(Callback):
             console.print(live_table(trials, self.metric, self.mode, self.max_epochs))
 
     # ----------------------------------------------------------- MLflow
+
+    def _drop_lost_runs(self, trials) -> None:
+        """Delete the open runs of trials this experiment does not know: a driver that died started
+        them after Ray's last snapshot, and the resumed study sampled other trials in their place.
+        Each trial keeps one run; a lost one is tagged and only soft-deleted (``mlflow runs restore``)."""
+        try:
+            known = {t.trial_id for t in trials}
+            c = R.client(self.uri)
+            for run in R.find_runs(c, self.exp_id, self.study, "trial", parent_run_id=self.parent):
+                if run.info.status == "RUNNING" and run.data.tags.get(R.TRIAL_TAG) not in known:
+                    c.set_tag(run.info.run_id, R.STATE_TAG, "lost")
+                    c.set_tag(run.info.run_id, R.REASON_TAG, "started by a driver that died before Ray recorded "
+                                                             "the trial; the resumed study does not continue it")
+                    c.set_terminated(run.info.run_id, "KILLED")
+                    c.delete_run(run.info.run_id)
+        except Exception as e:  # noqa: BLE001 - tracking must not kill a study
+            from tuner.console import err_console
+
+            err_console.print(f"warning: could not check MLflow for lost trial runs: {e}")
 
     def _close(self, trial, state: str, reason: str | None, status: str, only_if_running: bool = False) -> None:
         """Tag the trial's final state, attach its best checkpoint's model folder when the trial
