@@ -40,6 +40,9 @@ def test_train_nf4_writes_output_and_predict_round_trips(tiny_csv, tmp_path, app
     expected, _ = tr.evaluate("test")
     clf = Classifier(out)
     got = clf.predict(tr.data.test.texts)
+    # Same weights, same dequantizing fp32 path: only the batch shapes differ (predict batches 64,
+    # evaluate 32), so rounding differences are a few fp32 ulps per layer (~1e-6 seen); 1e-5 leaves room
+    # for that and catches a different kernel (bitsandbytes' CPU packing format drifted by 4e-4).
     np.testing.assert_allclose(got.probabilities, expected, atol=1e-5)
     assert set(got.labels) <= set(tr.data.label_names)
     np.testing.assert_allclose(got.probabilities.sum(1), 1.0, atol=1e-5)

@@ -30,6 +30,7 @@ from trainables.approaches import (
     to_device,
     use_bf16,
 )
+from trainables.compat import keep_4bit_out_of_cpu_packing
 from trainables.config import RunConfig
 from trainables import distributed as D
 from trainables.data import Dataset
@@ -190,9 +191,15 @@ class Trainer:
         v = m.get(f"eval_{key}")
         return -v if key == "loss" else v
 
+    def train_mode(self) -> None:
+        """Put the model in training mode, with every 4-bit layer on its differentiable path (an eval
+        pass on some CPUs switches bitsandbytes to a packed format that has no backward)."""
+        self.model.train()
+        keep_4bit_out_of_cpu_packing(self.model)
+
     def train_epoch(self) -> dict[str, float]:
         t = self.cfg.training
-        self.model.train()
+        self.train_mode()
         torch.manual_seed(t.seed + self.epoch)
         lengths = [len(e.input_ids) for e in self.train_examples]
         batches = length_grouped_batches(lengths, t.batch_size, t.seed + self.epoch)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
+from trainables.compat import keep_4bit_out_of_cpu_packing
 from trainables.config import LoraSettings, RunConfig
 from trainables.errors import InputError
 from trainables.paths import build_atomically, models_dir
@@ -259,6 +260,7 @@ def _load_base(cfg: RunConfig, path: Path, num_labels: int, pad_token_id: int, d
     model.config.use_cache = False
     for p in model.parameters():
         p.requires_grad_(False)
+    keep_4bit_out_of_cpu_packing(model)
     return model
 
 
