@@ -7,16 +7,24 @@ import pytest
 from tests.conftest import ROOT
 
 
+# The demo test split has 150 sentences, 50 per class (chance: 0.33). Trained as in examples/demo.yaml
+# both approaches score about 0.95 on it. The bar sits at 0.85: for a model whose true accuracy is 0.93,
+# 150 draws fall under 0.85 (23+ errors against 10.5 expected, sd 3.1) with probability < 1e-4, so
+# thread counts and CPU kernels cannot cross it by noise; a model that learned nothing scores about
+# 0.33. (A silent loss of gradient, as on AVX512-BF16 CPUs before, is caught by tests/test_nf4_cpu.py.)
+DEMO_BAR = 0.85
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("approach", ["head", "generation"])
-def test_demo_reaches_090_test_accuracy(approach, cli, tmp_path):
+def test_demo_learns_the_embedded_model(approach, cli, tmp_path):
     code, out, err = cli("train", ROOT / "examples" / "demo.yaml", "--set", f"approach={approach}",
                          "--output", tmp_path / approach)
     assert code == 0, err
     import json
 
     final = json.loads((tmp_path / approach / "metrics.json").read_text())["final"]
-    assert final["test"]["accuracy"] >= 0.9, final["test"]
+    assert final["test"]["accuracy"] >= DEMO_BAR, final["test"]
     from trainables.predict import Classifier
 
     clf = Classifier(tmp_path / approach)

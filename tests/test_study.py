@@ -148,15 +148,32 @@ def test_mlflow_ui_shows_the_study_and_its_trials(finished_study):
         opts.add_argument(a)
     drv = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
     try:
-        drv.get(f"{rec.tracking_uri}/#/experiments/{rec.experiment_id}/runs")
+        from tuner.tracking import run_link, runs_link
+
+        drv.get(runs_link(rec.tracking_uri, rec.experiment_id, rec.name))
         wait = WebDriverWait(drv, 90)
         link = wait.until(EC.presence_of_element_located((By.XPATH, f"//a[normalize-space()='{rec.name}']")))
-        link.find_element(By.XPATH, "./preceding::button[1]").click()  # the parent's expander, left of its name
+        if not runs[0].info.run_name in drv.page_source:  # collapsed: open the parent's expander
+            link.find_element(By.XPATH, "./preceding::button[1]").click()
         for r in runs:
             wait.until(EC.presence_of_element_located((By.XPATH, f"//a[normalize-space()='{r.info.run_name}']")))
-    finally:
+        # the model-training view, filtered to this study, with each run's data named
+        body = drv.find_element(By.TAG_NAME, "body").text
+        assert "Traces overview" not in body and "Dataset" in body, body[:500]
+        digest = c.get_run(runs[0].info.run_id).inputs.dataset_inputs[0].dataset.digest
+        assert f"train ({digest})" in body, body[:2000]
+        assert rec.name in drv.find_element(By.XPATH, "//input[contains(@placeholder, '')]").get_attribute("value") \
+            or rec.name in body
         ARTIFACTS.mkdir(exist_ok=True)
         drv.save_screenshot(str(ARTIFACTS / "mlflow-ui-study.png"))
+        # a trial's run page, as status links it: a training run, not an evaluation
+        drv.get(run_link(rec.tracking_uri, rec.experiment_id, runs[0].info.run_id))
+        wait.until(EC.presence_of_element_located((By.XPATH, "//*[contains(text(), 'Parameters')]")))
+        crumbs = drv.find_element(By.TAG_NAME, "body").text
+        assert "Evaluations" not in crumbs, crumbs[:500]
+    finally:
+        ARTIFACTS.mkdir(exist_ok=True)
+        drv.save_screenshot(str(ARTIFACTS / "mlflow-ui-run.png"))
         drv.quit()
 
 

@@ -46,10 +46,20 @@ class Dataset:
         h = hashlib.sha256(json.dumps(self.label_names).encode())
         for name, s in self.splits().items():
             h.update(name.encode())
-            for t, y in zip(s.texts, s.labels):
-                h.update(t.encode("utf-8"))
-                h.update(b"\x00%d\x01" % y)
+            _hash_split(h, s)
         return h.hexdigest()[:16]
+
+    def split_digest(self, name: str) -> str:
+        """Content hash of one split's texts and labels with the label names (16 hex digits)."""
+        h = hashlib.sha256(json.dumps(self.label_names).encode())
+        _hash_split(h, self.splits()[name])
+        return h.hexdigest()[:16]
+
+
+def _hash_split(h, s: Split) -> None:
+    for t, y in zip(s.texts, s.labels):
+        h.update(t.encode("utf-8"))
+        h.update(b"\x00%d\x01" % y)
 
 
 def builtin_path(ref: str) -> Path:

@@ -5,6 +5,8 @@ so predictions are exactly those of the trained model."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import mlflow
 import pandas as pd
 
@@ -15,7 +17,8 @@ class QloraClassifierModel(mlflow.pyfunc.PythonModel):
 
         self.clf = Classifier(context.artifacts["model_dir"])
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """A ``text`` column (else the first column) in; ``label`` and ``p_<label>`` columns out."""
         if isinstance(model_input, pd.DataFrame):
             col = "text" if "text" in model_input.columns else model_input.columns[0]
             texts = model_input[col].astype(str).tolist()

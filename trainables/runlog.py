@@ -87,6 +87,28 @@ def log_metrics(c, run_id: str, metrics: dict[str, float], step: int) -> None:
 
 
 
+def log_datasets(c, run_id: str, data) -> None:
+    """Name the run's data in MLflow: one dataset input per split (name, digest, source, rows and
+    class counts), shown in the UI's Dataset column and on the run page."""
+    from collections import Counter
+
+    from mlflow.entities import Dataset as MlflowDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    inputs = []
+    for split, s in data.splits().items():
+        counts = Counter(data.label_names[y] for y in s.labels)
+        source = data.sources.get(split, "")
+        ds = MlflowDataset(
+            name=split, digest=data.split_digest(split), source_type="local",
+            source=json.dumps({"uri": source}),
+            schema=json.dumps({"columns": ["text", "label"], "labels": data.label_names}),
+            profile=json.dumps({"num_rows": len(s), "class_counts": dict(sorted(counts.items()))}),
+        )
+        inputs.append(DatasetInput(ds, tags=[InputTag("mlflow.data.context", split)]))
+    c.log_inputs(run_id, datasets=inputs)
+
+
 class TrialRun:
     """Get-or-create the child run of ``trial_id`` (a resumed trial continues its own run).
 
@@ -133,6 +155,13 @@ class TrialRun:
                 if time.time() > deadline:
                     raise
                 time.sleep(5)
+
+    def log_data(self, data) -> None:
+        """The splits this trial trains and selects on, as MLflow dataset inputs (never raises)."""
+        try:
+            log_datasets(self.c, self.run_id, data)
+        except Exception as e:  # noqa: BLE001 - naming the data must not fail a trial
+            print(f"qlora-tune: could not log dataset inputs ({type(e).__name__})")
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         self._pending.append((dict(metrics), step))

@@ -113,6 +113,8 @@ def _train(params: dict[str, Any], ctx: TrialContext, trial_id: str, trial_name:
             return
         data = load_dataset(cfg.data)
         data.test = None  # the search never sees the test split
+        if run and not d:
+            run.log_data(data)
         # with reused actors a Ray worker runs trial after trial: it tokenizes and quantizes once
         trainer = Trainer(cfg, data, dev=dev, log=lambda *_: None, reuse=ctx.reuse)
         if d:

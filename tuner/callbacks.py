@@ -1,4 +1,5 @@
-"""Driver-side Tune callback: live trials table, and closing the MLflow run of each trial that
+"""Driver-side Tune callback: progress (a live trials table on a terminal, one line per trial state
+change otherwise), and closing the MLflow run of each trial that
 ends outside the trial's own code (stopped by ASHA, or errored, or lost with a driver that died)."""
 
 from __future__ import annotations
@@ -42,33 +43,47 @@ class StudyCallback(Callback):
 
     # ----------------------------------------------------------- progress
 
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._line(trial, "started")
+
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if time.time() - self._last_print > 15:
-            self._print(trials)
+        self._print(trials)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         epochs = trial.last_result.get("epoch", 0)
         if epochs < self.max_epochs:
             self._close(trial, "stopped_early", f"stopped early after epoch {epochs}", "FINISHED")
+            self._line(trial, f"stopped early after epoch {epochs}")
         else:  # the trial closes its own run after its last epoch; this covers a crash in between
             self._close(trial, "completed", None, "FINISHED", only_if_running=True)
+            self._line(trial, "completed")
         self._print(trials, force=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._close(trial, "errored", _reason(trial), "FAILED")
+        reason = _reason(trial)
+        self._close(trial, "errored", reason, "FAILED")
+        self._line(trial, f"errored: {reason}")
         self._print(trials, force=True)
 
     def on_experiment_end(self, trials, **info):
         self._drop_lost_runs(trials)
-        self._print(trials, force=True)
 
     def _print(self, trials, force: bool = False) -> None:
+        """The live table, on a terminal only (redrawn tables are noise in a log or a file)."""
         from tuner.console import console
         from tuner.summary import live_table
 
-        if force or time.time() - self._last_print > 15:
+        if console.is_terminal and (force or time.time() - self._last_print > 15):
             self._last_print = time.time()
             console.print(live_table(trials, self.metric, self.mode, self.max_epochs))
+
+    def _line(self, trial, what: str) -> None:
+        """One line per trial state change where stdout is not a terminal (CI logs, files, nohup)."""
+        from tuner.console import console
+        from tuner.summary import trial_line
+
+        if not console.is_terminal:
+            console.print(trial_line(trial, what, self.metric, self.max_epochs), soft_wrap=True)
 
     # ----------------------------------------------------------- MLflow
 

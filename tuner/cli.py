@@ -98,6 +98,19 @@ def ui(
         return
     url = tracking.embedded_server(port=port)
     console.print(f"MLflow UI: {url}  (bound to 127.0.0.1; stop with `qlora-tune ui --stop`)")
+    from trainables import runlog as R
+    from tuner.study import StudyRecord, latest_study
+
+    try:
+        rec = StudyRecord.load(latest_study())
+    except InputError:  # no study yet
+        rec = None
+    if rec is not None and rec.tracking_uri == url:
+        console.print(f"latest study '{rec.name}': {tracking.runs_link(url, rec.experiment_id, rec.name)}",
+                      soft_wrap=True)
+    exp = R.client(url).get_experiment_by_name("qlora-tune")
+    if exp is not None:
+        console.print(f"all studies: {tracking.runs_link(url, exp.experiment_id)}", soft_wrap=True)
 
 
 @app.command()

@@ -210,6 +210,7 @@ def run_study(path: Path, overrides: list[str], name: str | None, address: str |
     try:
         R.log_params(c, rec.parent_run_id, {"study": {k: v for k, v in rec.config.items() if k != "search"},
                                             "search_space": space.describe()})
+        R.log_datasets(c, rec.parent_run_id, data)
         c.log_text(rec.parent_run_id, json.dumps(rec.config, indent=2), "study_config.json")
         c.log_text(rec.parent_run_id, json.dumps(space.describe(), indent=2), "search_space.json")
         tuner = tune.Tuner(_trainable(rec, res),
@@ -222,7 +223,8 @@ def run_study(path: Path, overrides: list[str], name: str | None, address: str |
         raise
     workers = f" x {study.resources_per_trial.workers} workers" if study.resources_per_trial.workers > 1 else ""
     console.print(f"[bold]study[/] {name}: {study.num_trials} trials, approaches {space.approaches(study.approach)}, "
-                  f"{res} per trial{workers}; MLflow {uri} (experiment '{study.tracking.experiment}')")
+                  f"{res} per trial{workers}; MLflow experiment '{study.tracking.experiment}'")
+    console.print(f"[bold]MLflow UI[/]: {tracking.runs_link(uri, exp_id, name) or uri}", soft_wrap=True)
     return _fit(tuner, rec)
 
 
@@ -277,6 +279,11 @@ def _reuse_actors(study: StudyConfig) -> bool:
 def _run_config(rec: StudyRecord, study: StudyConfig):
     from ray import tune
 
+    # Tune forces a snapshot of the study whenever a trial has written keep_checkpoints checkpoints
+    # since the last one (so a resumed study never lists a deleted checkpoint), and warns when that
+    # happens more than once in 5 s, which short epochs always do. The snapshots are wanted and
+    # cheap on local storage: keep the warning out of normal output.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     from tuner.callbacks import StudyCallback
 
     return tune.RunConfig(

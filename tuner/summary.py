@@ -36,6 +36,16 @@ def live_table(trials, metric: str, mode: str, max_epochs: int) -> Table:
     return t
 
 
+def trial_line(trial, what: str, metric: str, max_epochs: int) -> str:
+    """``trial 1a2b3c4d (head, lr=0.0003, r=16, batch=16) completed: epoch 3/3, eval_f1_macro 0.91``."""
+    cfg = {k.split(":", 1)[-1]: v for k, v in trial.config.items()}
+    params = ", ".join(f"{k.rpartition('.')[2].replace('learning_rate', 'lr').replace('batch_size', 'batch')}="
+                       f"{_fmt(cfg[k])}" for k in SHOWN if k in cfg)
+    res = trial.last_result or {}
+    tail = f": epoch {res['epoch']}/{max_epochs}, {metric} {_fmt(res.get(metric))}" if res.get("epoch") else ""
+    return f"trial {trial.trial_id} ({cfg.get('approach', '')}{', ' + params if params else ''}) {what}{tail}"
+
+
 def study_rows(rec) -> pd.DataFrame:
     """One row per trial run of the study, straight from MLflow."""
     c = R.client(rec.tracking_uri)
@@ -162,10 +172,16 @@ def print_status(rec, df: pd.DataFrame | None = None) -> None:
     best = best_row(rec, df)
     if best is not None:
         params = {k: best[k] for k in df.columns if ("." in k or k == "approach") and isinstance(best[k], str)}
+        from tuner.tracking import run_link
+
         console.print(f"[bold]best trial[/]: {best['trial_id']} ({best['approach']}), "
-                      f"{s.metric} {best[f'best_{s.metric}']:.4f} after {best['epochs']} epochs; run {best['run_id']}")
+                      f"{s.metric} {best[f'best_{s.metric}']:.4f} after {best['epochs']} epochs; run "
+                      f"{run_link(rec.tracking_uri, rec.experiment_id, best['run_id']) or best['run_id']}", soft_wrap=True)
         console.print("  " + ", ".join(f"{k}={v}" for k, v in sorted(params.items())))
     console.print(f"[bold]compute[/]: {summary['epochs_run']} epochs run of {summary['epochs_without_early_stopping']} "
                   f"without early stopping (saved {summary['compute_saved']:.0%}); "
                   f"GPU-hours {summary['gpu_hours']:.3f}; states {summary['states']}")
-    console.print(f"[bold]MLflow[/]: {rec.tracking_uri} (parent run {rec.parent_run_id})")
+    from tuner.tracking import runs_link
+
+    link = runs_link(rec.tracking_uri, rec.experiment_id, rec.name)
+    console.print(f"[bold]MLflow[/]: {link or rec.tracking_uri} (parent run {rec.parent_run_id})", soft_wrap=True)

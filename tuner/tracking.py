@@ -114,6 +114,28 @@ def experiment_id(c, name: str, artifact_location: str | None = None) -> str:
         return c.get_experiment_by_name(name).experiment_id
 
 
+def runs_link(uri: str, experiment_id: str, study: str | None = None) -> str | None:
+    """The MLflow UI's runs table of an experiment (of one study where ``study`` is given), in its
+    model-training view: MLflow 3 opens its GenAI view unless the link asks for ``machine_learning``."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    from urllib.parse import urlencode
+
+    from trainables.runlog import STUDY_TAG
+
+    query = {"workflowType": "machine_learning"}
+    if study:
+        query["searchFilter"] = f"tags.`{STUDY_TAG}` = '{study}'"
+    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs?{urlencode(query)}"
+
+
+def run_link(uri: str, experiment_id: str, run_id: str) -> str | None:
+    """One run's page in the MLflow UI's model-training view."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
 def require_server(uri: str) -> None:
     if uri.startswith("http") and not _healthy(uri, timeout=5):
         raise InputError(f"tracking.tracking_uri: no MLflow server answers at {uri}")
