@@ -384,7 +384,7 @@ def bench_study8() -> None:
     p = subprocess.run([sys.executable, "-m", "tuner.cli", "run", str(ROOT / "benchmarks" / "tfns-8min.yaml"),
                         "--name", f"tfns8-{int(t)}"], cwd=ROOT, capture_output=True, text=True)
     print(p.stdout[-6000:], p.stderr[-3000:])
-    from tuner.study import StudyRecord
+    from tuner.records import StudyRecord
     from tuner.summary import compute_summary, study_rows
 
     rec = StudyRecord.load(f"tfns8-{int(t)}")
@@ -439,9 +439,9 @@ def bench_study(tag: str, study_yaml: str, *sets: str) -> None:
     GPU utilisation, epochs, GPU-seconds and the best metric under ``study_<tag>``."""
     import subprocess
 
-    from tuner.study import StudyRecord
+    from tuner.records import StudyRecord
     from tuner.summary import compute_summary, study_rows
-    from trainables import runlog as R
+    from trainables import runs as R
 
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     gpus = [int(g) for g in visible.split(",")] if visible else list(range(torch.cuda.device_count()))

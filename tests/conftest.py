@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data" / "twitter-financial-news"
 ARTIFACTS = ROOT / "test-artifacts"
 
 # One home for the whole session; converted models are kept across sessions, study state is not.
@@ -190,6 +189,6 @@ def finished_study(tmp_path_factory, ray_cluster, mlflow_server):
     study.write_text(yaml.safe_dump(cfg))
     p = run_cli("run", study, "--name", "both-approaches", "--address", ray_cluster, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    from tuner.study import StudyRecord
+    from tuner.records import StudyRecord
 
     return StudyRecord.load("both-approaches")

@@ -99,7 +99,8 @@ def test_relative_data_paths_resolve_against_the_config_file(tmp_path, yaml_file
 
 
 def test_predict_usage_errors(cli, tmp_path):
-    assert cli("predict", "--model", tmp_path, "--text", "x")[0] == 2  # not a model folder
+    code, _, err = cli("predict", "--model", tmp_path, "--text", "x")
+    assert code == 2 and f"{tmp_path}: not a qlora-tune model folder" in err
     code, _, err = cli("predict", "--model", tmp_path)
     assert code == 2 and "either --text" in err
     code, _, err = cli("predict", "--model", tmp_path / "nope", "--text", "hi")

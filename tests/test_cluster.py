@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, learnable_csv, run_cli, tiny_study
-from trainables import runlog as R
+from trainables import runs as R
 
 CLUSTER = ROOT / "cluster"
 
@@ -116,28 +116,43 @@ def _find(obj, key):
 
 @pytest.fixture
 def two_nodes(tmp_path):
-    """A head and a second node, each with one CPU, as separate `ray start` processes on loopback."""
+    """A head and a second node, each with one CPU, as separate `ray start --block` processes on
+    loopback; ending those two processes (by PID) ends everything they started."""
+    import tempfile
+
     from tests.conftest import free_port, ray_cli
 
     port = free_port()
-
     ray_bin = ray_cli()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     addr = f"127.0.0.1:{port}"
-    import tempfile
-
     temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
-    subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-                    "--num-gpus=0", "--include-dashboard=false", f"--temp-dir={temp}"],
-                   check=True, env=env, capture_output=True, timeout=180)
+    nodes: list[subprocess.Popen] = []
+
+    def start(*args: str) -> None:
+        p = subprocess.Popen([ray_bin, "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                              "--num-gpus=0", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+        nodes.append(p)
+        seen = []
+        for line in p.stdout:  # `ray start` says so once the node is up, then blocks
+            seen.append(line)
+            if "Ray runtime started" in line:
+                return
+        raise RuntimeError(f"ray start {' '.join(args)} exited {p.wait()}: {''.join(seen)[-2000:]}")
+
     try:
-        subprocess.run([ray_bin, "start", f"--address={addr}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-                        "--num-gpus=0"], check=True, env=env, capture_output=True, timeout=180)
+        start("--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp}")
+        start(f"--address={addr}")
         yield addr
     finally:
-        # stop only this cluster's processes: the session cluster keeps running
-        subprocess.run(["pkill", "-f", str(temp)], capture_output=True)
-        subprocess.run(["pkill", "-f", f"--gcs-address=127.0.0.1:{port}"], capture_output=True)
+        for p in reversed(nodes):  # only this cluster's processes: the session cluster keeps running
+            p.terminate()
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -147,7 +162,7 @@ def test_study_runs_across_two_nodes_with_shared_storage(two_nodes, tmp_path, ya
                      **{"scheduler.type": "none", "scheduler.max_epochs": 2})
     p = run_cli("run", yaml_file(cfg), "--name", "two-nodes", "--address", two_nodes, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    from tuner.study import StudyRecord
+    from tuner.records import StudyRecord
 
     rec = StudyRecord.load("two-nodes")
     c = R.client(rec.tracking_uri)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from tests.conftest import free_port, learnable_csv, run_cli, tiny_config, tiny_study
-from trainables import runlog as R
+from trainables import runs as R
 
 
 def _train(rank: int, cfg: dict, world: int = 1, port: int = 0, out: str = "") -> dict:
@@ -64,7 +64,7 @@ def test_study_with_two_worker_trials_on_gloo(tmp_path, yaml_file, ray_cluster, 
     cfg["resources_per_trial"] = {"cpu": 1, "workers": 2}
     p = run_cli("run", yaml_file(cfg, "study.yaml"), "--name", "data-parallel", "--address", ray_cluster, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    from tuner.study import StudyRecord
+    from tuner.records import StudyRecord
 
     rec = StudyRecord.load("data-parallel")
     c = R.client(rec.tracking_uri)

@@ -7,11 +7,12 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import ROOT, learnable_csv, run_cli, tiny_config, tiny_study
-from trainables import runlog as R
+from trainables import runs as R
 
 
 def _children(rec):
@@ -55,19 +56,11 @@ def test_driver_sigkill_then_resume_completes_with_one_run_per_trial(tmp_path, y
     study = yaml_file(cfg, name="study.yaml")
     env = {**os.environ}
     proc = _start(study, name, ray_cluster, env=env)
-    from tuner.study import StudyRecord
+    from tuner.records import StudyRecord
 
-    deadline = time.time() + 300
-    while time.time() < deadline:  # wait until a trial has finished and Ray has saved state
-        try:
-            rec = StudyRecord.load(name)
-            _, runs = _children(rec)
-            if any(r.data.tags.get(R.STATE_TAG) == "completed" for r in runs):
-                break
-        except Exception:  # noqa: BLE001 - not created yet
-            pass
-        time.sleep(1)
-    time.sleep(11)  # Ray snapshots the experiment state about every 10 s
+    # wait until Ray's saved state of the study knows a finished trial
+    _wait_for(lambda: "TERMINATED" in _saved_trial_states(StudyRecord.load(name)).values(), every=0.5)
+    rec = StudyRecord.load(name)
     assert proc.poll() is None, "the study finished before it could be killed; make it longer"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -118,7 +111,7 @@ def test_invalid_study_exits_2_before_ray_starts(tmp_path, yaml_file, cli, over,
 
 
 def test_fractional_gpu_on_cpu_cluster_warns_and_runs_on_cpu():
-    from tuner.study import check_resources
+    from tuner.ray_cluster import check_resources
     from tuner.study_config import StudyConfig
 
     s = StudyConfig.model_validate({"data": {"train": "x.csv"}, "resources_per_trial": {"cpu": 1, "gpu": 0.25}})
@@ -190,6 +183,28 @@ def _wait_for(pred, timeout=300, every=1.0):
     raise AssertionError("timed out waiting")
 
 
+def _saved_trial_states(rec) -> dict[str, str]:
+    """Trial id -> status in Ray's latest saved snapshot of the study (what ``resume`` starts from)."""
+    import glob
+    import json as _json
+
+    files = sorted(glob.glob(f"{rec.experiment_path}/experiment_state-*.json"))
+    if not files:
+        return {}
+    states = {}
+    for trial, _ in _json.loads(Path(files[-1]).read_text())["trial_data"]:
+        t = _json.loads(trial) if isinstance(trial, str) else trial
+        states[t["trial_id"]] = t["status"]
+    return states
+
+
+def _epochs_reported(rec) -> int:
+    """Results a study's trials have reported to Ray so far (lines of their result.json files)."""
+    import glob
+
+    return sum(len(Path(f).read_text().splitlines()) for f in glob.glob(f"{rec.experiment_path}/*/result.json"))
+
+
 def _start(cfg_file, name: str, address: str, **kw) -> subprocess.Popen:
     """`qlora-tune run` as a real process (to kill or interrupt it)."""
     kw.setdefault("stdout", subprocess.DEVNULL)
@@ -200,7 +215,7 @@ def _start(cfg_file, name: str, address: str, **kw) -> subprocess.Popen:
 
 def _first_epoch_logged(name: str):
     """Wait until a trial of study ``name`` has logged an epoch; returns that trial's run."""
-    from tuner.study import StudyRecord
+    from tuner.records import StudyRecord
 
     def check():
         c, runs = _children(StudyRecord.load(name))
@@ -215,7 +230,7 @@ def test_killed_trial_worker_resumes_from_its_checkpoint(tmp_path, yaml_file, ra
                      **{"scheduler.type": "none", "scheduler.max_epochs": 4})
     cfg["search"] = {"training.learning_rate": {"loguniform": [1e-3, 1e-2]}}
     proc = _start(yaml_file(cfg), "worker-kill", ray_cluster)
-    from tuner.study import StudyRecord
+    from tuner.records import StudyRecord
 
     run = _first_epoch_logged("worker-kill")
     pid = int(run.data.tags[R.PID_TAG])
@@ -238,7 +253,7 @@ def test_failing_trial_is_errored_with_reason_and_the_study_goes_on(tmp_path, ya
                      "lora.target_modules": {"choice": [["q_proj", "v_proj"], ["no_such_proj"]]}}
     p = run_cli("run", yaml_file(cfg), "--name", "with-errors", "--address", ray_cluster, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    from tuner.study import StudyRecord
+    from tuner.records import StudyRecord
 
     rec = StudyRecord.load("with-errors")
     c, runs = _children(rec)
@@ -257,10 +272,10 @@ def test_ctrl_c_stops_cleanly_and_the_study_resumes(tmp_path, yaml_file, ray_clu
                      **{"scheduler.type": "none", "scheduler.max_epochs": 3})
     cfg["search"] = {"approach": {"choice": ["head"]}, "training.learning_rate": {"loguniform": [1e-3, 1e-2]}}
     proc = _start(yaml_file(cfg), "ctrl-c", ray_cluster, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    from tuner.study import StudyRecord
+    from tuner.records import StudyRecord
 
     _first_epoch_logged("ctrl-c")
-    time.sleep(11)  # let Ray snapshot the experiment state once
+    _wait_for(lambda: _saved_trial_states(StudyRecord.load("ctrl-c")), every=0.5)  # Ray saved the study once
     assert proc.poll() is None, "the study finished before it could be interrupted; make it longer"
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=300)
@@ -284,7 +299,7 @@ def test_two_studies_at_once_keep_their_runs_apart(tmp_path, yaml_file, ray_clus
     f = yaml_file(cfg)
     procs = [_start(f, n, ray_cluster) for n in ("twin-a", "twin-b")]
     assert [p.wait(timeout=900) for p in procs] == [0, 0]
-    from tuner.study import StudyRecord
+    from tuner.records import StudyRecord
 
     ids = []
     for n in ("twin-a", "twin-b"):
@@ -307,12 +322,15 @@ def test_mlflow_server_away_mid_study_loses_no_metric(tmp_path, yaml_file, ray_c
                      **{"scheduler.type": "none", "scheduler.max_epochs": 5})
     cfg["search"] = {"training.learning_rate": {"loguniform": [1e-3, 1e-2]}}
     proc = _start(yaml_file(cfg), "mlflow-away", ray_cluster)
-    from tuner.study import StudyRecord
+    from tuner.records import StudyRecord
 
     _first_epoch_logged("mlflow-away")
     port = _json.loads((home() / "mlflow" / "server.json").read_text())["port"]
     assert tracking.stop_embedded_server()
-    time.sleep(12)  # the trial trains on while its metrics cannot be logged
+    rec = StudyRecord.load("mlflow-away")
+    reported = _epochs_reported(rec)
+    # the trial trains on, and reports two more epochs to Ray, while its metrics cannot be logged
+    _wait_for(lambda: _epochs_reported(rec) >= reported + 2 or proc.poll() is not None, every=0.5)
     assert tracking.embedded_server(port=port) == mlflow_server
     assert proc.wait(timeout=900) == 0
     rec = StudyRecord.load("mlflow-away")
@@ -330,7 +348,7 @@ def test_reused_actors_run_trial_after_trial_in_one_worker(tmp_path, yaml_file, 
     cfg["search"] = {"approach": {"choice": ["head"]}, "training.learning_rate": {"loguniform": [1e-3, 1e-2]}}
     p = run_cli("run", yaml_file(cfg, "study.yaml"), "--name", "reused", "--address", ray_cluster, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    from tuner.study import StudyRecord
+    from tuner.records import StudyRecord
 
     rec = StudyRecord.load("reused")
     c, runs = _children(rec)
@@ -354,7 +372,7 @@ def test_trial_restored_from_its_final_checkpoint_leaves_its_run_finished(tmp_pa
     exp = c.create_experiment(f"final-ckpt-{time.time_ns()}")
     run_config = RunConfig.model_validate(tiny_config(learnable_csv(tmp_path / "d.csv"))).dump()
     ctx = TrialContext(study="final-ckpt", run_config=run_config, cpus_per_trial=1, tracking_uri=mlflow_server,
-                       experiment_id=exp, parent_run_id="parent", metric="eval_f1_macro", max_epochs=1,
+                       experiment_id=exp, parent_run_id="parent", max_epochs=1,
                        gpu_per_trial=0.0)
     saved, reports = tmp_path / "ckpt", []
 
@@ -370,25 +388,6 @@ def test_trial_restored_from_its_final_checkpoint_leaves_its_run_finished(tmp_pa
     assert (run.info.status, run.data.tags[R.STATE_TAG]) == ("FINISHED", "completed")
     assert len(reports) == 1  # nothing trained or reported again
     assert len(c.get_metric_history(run.info.run_id, "train_loss")) == 1
-
-
-def test_resumed_trial_skips_a_checkpoint_deleted_after_rays_last_snapshot(tmp_path):
-    """Ray 2.60 keeps, in a resumed study, checkpoints deleted after its last snapshot; deleting one
-    again must not kill the study (tuner/ray_compat.py)."""
-    from ray.train import Checkpoint, CheckpointConfig
-    from ray.train._internal.checkpoint_manager import _CheckpointManager, _TrainingResult
-
-    from tuner.ray_compat import tolerate_deleted_checkpoints
-
-    tolerate_deleted_checkpoints()
-    tolerate_deleted_checkpoints()  # idempotent
-    kept = tmp_path / "epoch2"
-    kept.mkdir()
-    (tmp_path / "epoch3").mkdir()
-    manager = _CheckpointManager(CheckpointConfig(num_to_keep=1))
-    for folder in (tmp_path / "gone-before-the-resume", kept, tmp_path / "epoch3"):
-        manager.register_checkpoint(_TrainingResult(checkpoint=Checkpoint(str(folder)), metrics={}))
-    assert not kept.exists() and (tmp_path / "epoch3").exists()  # deleting still works
 
 
 def test_runs_of_trials_lost_with_a_dead_driver_are_dropped_at_the_end(mlflow_server):

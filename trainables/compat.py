@@ -38,3 +38,74 @@ def keep_4bit_out_of_cpu_packing(model) -> int:
             m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu_inverse(m.weight.data, state)
             unpacked += 1
     return unpacked
+
+
+# ------------------------------------------------------------------ Ray Tune: resuming a study
+#
+# Ray 2.60 (the locked version; pyproject admits >= 2.50), resuming a study: Tune restores each trial's
+# list of kept checkpoints from its last snapshot of the experiment, so a driver killed between deleting
+# an old checkpoint and the next snapshot leaves that checkpoint in the restored list. The next
+# checkpoint the trial reports makes Tune delete it again, and ``_delete_fs_path`` raises
+# ``FileNotFoundError`` for a missing path from outside its own ``try``: the resumed study dies. The
+# patch only skips paths that are already gone, so it is harmless where Ray has fixed this.
+
+
+def tolerate_deleted_checkpoints() -> None:
+    """Make Tune's checkpoint manager skip checkpoints that are already gone (idempotent)."""
+    import pyarrow.fs as pafs
+    from ray.train._internal import checkpoint_manager as cm
+
+    original = cm._delete_fs_path
+    if getattr(original, "tolerates_missing", False):
+        return
+
+    def delete(fs, fs_path: str) -> None:
+        if fs.get_file_info(fs_path).type != pafs.FileType.NotFound:
+            original(fs=fs, fs_path=fs_path)
+
+    delete.tolerates_missing = True
+    cm._delete_fs_path = delete
+
+
+# ------------------------------------------------------------------ Ray Tune: was the study interrupted?
+#
+# ``Tuner.fit()`` catches Ctrl-C itself and returns normally. Its SIGINT handler puts the previous
+# handler back only when it fired, so after ``fit()`` a SIGINT handler that is no longer Tune's own
+# (named below) means the study was interrupted. Ray has no public flag for this.
+
+_TUNE_SIGINT_HANDLER = "signal_interrupt_tune_run"
+
+
+def tune_was_interrupted(handler_after_fit) -> bool:
+    """Whether Tune's SIGINT handler fired during ``fit()`` (given the handler installed after it)."""
+    import os
+
+    if int(os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0")):
+        return False
+    return getattr(handler_after_fit, "__name__", "") != _TUNE_SIGINT_HANDLER
+
+
+# ------------------------------------------------------------------ Ray: joining a loopback cluster
+
+
+def loopback_node_kwargs() -> dict:
+    """``ray.init`` arguments that join a cluster bound to 127.0.0.1 as a loopback node (Ray's
+    ``_node_ip_address``: otherwise the driver registers under the machine's outward address)."""
+    return {"_node_ip_address": "127.0.0.1"}
+
+
+# ------------------------------------------------------------------ Optuna through Ray's OptunaSearch
+#
+# Ray's ``OptunaSearch`` tells Optuna every trial that ends as COMPLETE; telling one as PRUNED needs
+# the Optuna trial it keeps per Tune trial (``_ot_trials``) and its study (``_ot_study``).
+
+
+def tell_optuna_pruned(searcher, trial_id: str) -> bool:
+    """Tell Optuna that Tune trial ``trial_id`` was pruned; False if the searcher does not know it."""
+    from optuna.trial import TrialState
+
+    ot_trial = searcher._ot_trials.get(trial_id)
+    if ot_trial is None:
+        return False
+    searcher._ot_study.tell(ot_trial, None, state=TrialState.PRUNED)
+    return True

@@ -12,36 +12,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
 
+from trainables.approaches import REGISTRY
 from trainables.errors import InputError
-
-DEFAULT_PROMPT = (
-    "Classify the text into one of these labels: {labels}.\n"
-    "Text: {text}\n"
-    "Label:"
-)
+from trainables.strict import Strict
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class LoraSettings(_Strict):
+class LoraSettings(Strict):
     r: int = Field(16, ge=1, le=1024)
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: str | list[str] = "all-linear"
 
 
-class TrainingSettings(_Strict):
+class TrainingSettings(Strict):
     epochs: int = Field(3, ge=1, le=1000)
     batch_size: int = Field(16, ge=1)
     eval_batch_size: int = Field(64, ge=1)
@@ -66,30 +51,7 @@ class TrainingSettings(_Strict):
     metric: Literal["f1_macro", "accuracy", "balanced_accuracy", "loss"] = "f1_macro"
 
 
-class HeadSettings(_Strict):
-    class_weights: Literal["none", "balanced"] = "none"
-
-
-class GenerationSettings(_Strict):
-    prompt_template: str = DEFAULT_PROMPT
-    scoring: Literal["auto", "full", "first_token"] = "auto"
-    """``full`` sums the log-probabilities of every label token (and the end token); ``first_token``
-    reads one distribution after the prompt and needs labels whose first tokens differ; ``auto``
-    picks ``first_token`` when that holds."""
-
-    @field_validator("prompt_template")
-    @classmethod
-    def _one_text_slot(cls, v: str) -> str:
-        if v.count("{text}") != 1:
-            raise ValueError("must contain '{text}' exactly once")
-        try:
-            v.replace("{text}", "").format(labels="x")
-        except (KeyError, IndexError, ValueError) as e:
-            raise ValueError(f"only '{{text}}' and '{{labels}}' may appear in braces ({e})") from None
-        return v
-
-
-class SplitSettings(_Strict):
+class SplitSettings(Strict):
     eval: float = Field(0.15, ge=0, lt=1)
     test: float = Field(0.15, ge=0, lt=1)
     seed: int = 42
@@ -101,7 +63,7 @@ class SplitSettings(_Strict):
         return self
 
 
-class DataSettings(_Strict):
+class DataSettings(Strict):
     train: str
     eval: str | None = None
     test: str | None = None
@@ -113,24 +75,31 @@ class DataSettings(_Strict):
     max_text_chars: int = Field(100_000, ge=1)
 
 
-class RunConfig(_Strict):
-    """One fine-tuning run: what ``qlora-tune train`` takes and what a trial runs."""
+class _RunSettings(Strict):
+    """One fine-tuning run: what ``qlora-tune train`` takes and what a trial runs. :data:`RunConfig`
+    adds ``approach`` and one settings block per approach (``head:``, ``generation:``, ...)."""
 
     model: str = "smollm2-135m"
-    approach: Literal["head", "generation"] = "head"
     quantization: Literal["nf4", "int8", "none"] = "nf4"
     compute_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
-    """4-bit compute dtype; ``auto`` is bfloat16 on CUDA and float32 on the CPU, where
-    bitsandbytes' bfloat16 path measured about 20x slower."""
+    """4-bit compute dtype; ``auto`` is bfloat16 on CUDA and float32 on the CPU (bitsandbytes'
+    bfloat16 path is much slower there; BENCHMARKS.md)."""
     trust_remote_code: bool = False
     lora: LoraSettings = LoraSettings()
     training: TrainingSettings = TrainingSettings()
-    head: HeadSettings = HeadSettings()
-    generation: GenerationSettings = GenerationSettings()
     data: DataSettings
 
     def dump(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        d = self.model_dump(mode="json")
+        return {"model": d.pop("model"), "approach": d.pop("approach"), **d}
+
+
+RunConfig = create_model(
+    "RunConfig", __base__=_RunSettings, __module__=__name__,
+    approach=(Literal[tuple(REGISTRY)], next(iter(REGISTRY))),
+    **{name: (cls.Settings, cls.Settings()) for name, cls in REGISTRY.items()},
+)
+RunConfig.__doc__ = _RunSettings.__doc__
 
 
 # ---------------------------------------------------------------- loading and overrides
@@ -249,12 +218,3 @@ def load_config(path: str | Path, overrides: list[str] | None = None, model_cls=
     tree = read_yaml(path)
     _anchor_paths(tree, Path(path).resolve().parent)
     return build_config(model_cls, tree, parse_set(overrides), str(path))
-
-
-def encode_choice(value: Any) -> Any:
-    """Optuna categoricals must be scalars: lists/dicts travel as JSON strings."""
-    return value if value is None or isinstance(value, (bool, int, float, str)) else "json:" + json.dumps(value)
-
-
-def decode_choice(value: Any) -> Any:
-    return json.loads(value[5:]) if isinstance(value, str) and value.startswith("json:") else value

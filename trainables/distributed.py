@@ -34,9 +34,9 @@ def broadcast_(tensors: list[torch.Tensor]) -> None:
     """Make every worker's tensors equal to rank 0's."""
     if rank_and_world()[1] == 1 or not tensors:
         return
-    flat = torch._utils._flatten_dense_tensors([t.data for t in tensors])
+    flat = _flatten([t.data for t in tensors])
     dist.broadcast(flat, 0)
-    for t, f in zip(tensors, torch._utils._unflatten_dense_tensors(flat, tensors)):
+    for t, f in zip(tensors, _unflatten(flat, tensors)):
         t.data.copy_(f)
 
 
@@ -45,10 +45,20 @@ def sum_gradients_(params: list[torch.Tensor]) -> None:
     if rank_and_world()[1] == 1 or not params:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch._utils._flatten_dense_tensors(grads)
+    flat = _flatten(grads)
     dist.all_reduce(flat)
-    for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, grads)):
+    for p, g in zip(params, _unflatten(flat, grads)):
         p.grad = g.to(p.dtype)
+
+
+def _flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One contiguous buffer holding ``tensors`` (of one dtype) end to end: one collective for all."""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _unflatten(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of ``flat`` shaped like ``like`` (the inverse of :func:`_flatten`)."""
+    return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in like]), like)]
 
 
 def sum_floats(*values: float, dev: torch.device) -> list[float]:

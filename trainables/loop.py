@@ -1,8 +1,9 @@
 """One training loop for both approaches.
 
 ``Trainer(cfg, data).fit(on_epoch=...)`` trains, evaluates on eval after every epoch and calls
-``on_epoch(report, trainer)``; a Ray Tune trial saves a checkpoint there and reports. ``resume_from``
-continues from such a checkpoint (adapter, optimizer, scheduler, history).
+``on_epoch(report, trainer)``; a Ray Tune trial saves a checkpoint there (:meth:`Trainer.save_checkpoint`)
+and reports. :meth:`Trainer.load_checkpoint` continues from one (adapter, optimizer, scheduler, history).
+What is approach-specific (model class, loss, scoring) comes from :mod:`trainables.approaches`.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from trainables import layout as L
 from trainables import metrics as M
 from trainables.approaches import (
     Example,
+    approach_class,
     autocast,
     batched_log_scores,
     decision_loss,
@@ -39,7 +42,6 @@ from trainables.models import (
     attach_lora,
     compile_layers,
     device,
-    init_head,
     load_base,
     load_tokenizer,
     resolve_model,
@@ -131,14 +133,15 @@ class Trainer:
         self.train_examples = self.approach.training_examples(self.encoded["train"])
         base = load_base(cfg, self.model_path, len(data.label_names), self.tokenizer.pad_token_id, self.dev,
                          reuse=reuse)
-        seed_everything(t.seed)  # head and adapters start from the seed, however the base was obtained
-        init_head(base)
+        seed_everything(t.seed)  # new weights and adapters start from the seed, however the base was obtained
+        approach_class(cfg.approach).init_weights(base)
         self.model = attach_lora(base, cfg)
         if t.compile:
             compile_layers(self.model)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         D.broadcast_(self.trainable)
-        self.class_weights = self._class_weights()
+        weights = self.approach.class_weights(data.train.labels)
+        self.class_weights = weights.to(self.dev) if weights is not None else None
         self.batches_per_epoch = math.ceil(len(self.train_examples) / t.batch_size)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / t.grad_accum)
         self.optimizer = _make_optimizer(cfg, self.trainable, self.dev)
@@ -166,13 +169,6 @@ class Trainer:
             return encode()
         key = (str(self.model_path), self.approach.encoding_key(), digest(split.texts, split.labels))
         return cached("encoded", key, encode)
-
-    def _class_weights(self) -> torch.Tensor | None:
-        if self.cfg.approach != "head" or self.cfg.head.class_weights == "none":
-            return None
-        counts = np.bincount(self.data.train.labels, minlength=len(self.data.label_names)).astype(float)
-        w = len(self.data.train.labels) / (len(counts) * np.maximum(counts, 1))
-        return torch.tensor(w, dtype=torch.float32, device=self.dev)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters() if p.requires_grad}
@@ -341,17 +337,17 @@ class Trainer:
 
 def write_artifacts(folder: Path, trainer: Trainer, result: FitResult) -> None:
     """The output-folder layout, shared by ``train`` and by trial checkpoints."""
-    trainer.model.save_pretrained(folder / "adapter", safe_serialization=True)
-    trainer.tokenizer.save_pretrained(folder / "tokenizer")
-    (folder / "labels.json").write_text(json.dumps({"names": trainer.data.label_names}, indent=2))
-    (folder / "config.yaml").write_text(yaml.safe_dump(trainer.cfg.dump(), sort_keys=False))
+    trainer.model.save_pretrained(folder / L.ADAPTER, safe_serialization=True)
+    trainer.tokenizer.save_pretrained(folder / L.TOKENIZER)
+    (folder / L.LABELS).write_text(json.dumps({"names": trainer.data.label_names}, indent=2))
+    (folder / L.CONFIG).write_text(yaml.safe_dump(trainer.cfg.dump(), sort_keys=False))
     info = {"approach": trainer.cfg.approach, "base_model": trainer.cfg.model,
             "base_model_path": str(trainer.model_path), "quantization": trainer.cfg.quantization,
             "best_epoch": result.best_epoch, "data_fingerprint": trainer.data.fingerprint()}
-    (folder / "run_info.json").write_text(json.dumps(info, indent=2))
-    (folder / "metrics.json").write_text(json.dumps({"history": result.history, "final": result.final}, indent=2))
+    (folder / L.RUN_INFO).write_text(json.dumps(info, indent=2))
+    (folder / L.METRICS).write_text(json.dumps({"history": result.history, "final": result.final}, indent=2))
     if result.final:
-        M.write_reports(result.final, folder / "plots")
+        M.write_reports(result.final, folder / L.PLOTS)
 
 
 def _epoch_line(m: dict, epochs: int) -> str:

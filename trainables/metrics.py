@@ -48,19 +48,14 @@ def plot_confusion(cm: list[list[int]], names: list[str], title: str, path: Path
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
 
-    a = np.asarray(cm)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(names), 1.0 + 0.8 * len(names)), dpi=110)
-    ax.imshow(a, cmap="Blues")
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    ax.set_yticks(range(len(names)), names)
+    fig, ax = plt.subplots(figsize=(1.6 + 0.9 * len(names), 1.0 + 0.8 * len(names)), dpi=110)
+    ConfusionMatrixDisplay(np.asarray(cm), display_labels=names).plot(
+        ax=ax, cmap="Blues", colorbar=False, xticks_rotation=45, values_format="d")
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
-    top = a.max() if a.size else 0
-    for i in range(a.shape[0]):
-        for j in range(a.shape[1]):
-            ax.text(j, i, str(a[i, j]), ha="center", va="center", color="white" if a[i, j] > top / 2 else "black")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -8,13 +8,13 @@ or a hub id (only where a hub or its cache is reachable).
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from pathlib import Path
 
 import torch
 from filelock import FileLock
 
+from trainables.approaches import approach_class
 from trainables.compat import keep_4bit_out_of_cpu_packing
 from trainables.config import LoraSettings, RunConfig
 from trainables.errors import InputError
@@ -209,8 +209,8 @@ def quantization_config(cfg: RunConfig, dev: torch.device, skip: list[str]):
 
 def load_base(cfg: RunConfig, path: Path, num_labels: int, pad_token_id: int, dev: torch.device | None = None,
               reuse: bool = False):
-    """The frozen base model for ``cfg.approach``; the head approach keeps ``score`` unquantized
-    (a trainer gives it fresh weights with :func:`init_head`).
+    """The frozen base model for ``cfg.approach``, loaded and quantized as that approach asks (a head
+    stays unquantized: the trainer gives it fresh weights through ``Approach.init_weights``).
 
     ``reuse`` keeps a pristine (quantized) copy per process and approach and hands out copies of
     it: a Ray worker that runs trial after trial loads and quantizes the base once."""
@@ -224,36 +224,19 @@ def load_base(cfg: RunConfig, path: Path, num_labels: int, pad_token_id: int, de
     return copy.deepcopy(cached("base", key, lambda: _load_base(cfg, path, num_labels, pad_token_id, dev)))
 
 
-def init_head(model):
-    """Fresh classification-head weights from the current random state (a no-op without a head)."""
-    score = getattr(model, "score", None)
-    if score is not None:
-        with torch.no_grad():
-            torch.nn.init.normal_(score.weight, std=getattr(model.config, "initializer_range", 0.02))
-    return model
-
-
 def _load_base(cfg: RunConfig, path: Path, num_labels: int, pad_token_id: int, dev: torch.device):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    weights_dtype = compute_dtype(cfg, dev)
-    head = cfg.approach == "head"
+    approach = approach_class(cfg.approach)
     kw = dict(
-        dtype=weights_dtype,
+        dtype=compute_dtype(cfg, dev),
         trust_remote_code=cfg.trust_remote_code,
         use_safetensors=True,
         device_map={"": str(dev) if dev.type == "cpu" else dev.index or 0},
     )
-    q = quantization_config(cfg, dev, ["score"] if head else [])
+    q = quantization_config(cfg, dev, approach.keep_unquantized)
     if q is not None:
         kw["quantization_config"] = q
     try:
-        if head:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=num_labels, pad_token_id=pad_token_id, **kw
-            )
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path, **kw)
+        model = approach.load_pretrained(path, num_labels=num_labels, pad_token_id=pad_token_id, **kw)
     except OSError as e:
         raise InputError(f"model '{cfg.model}': cannot load from {path} ({str(e).splitlines()[0][:200]})") from None
     model.config.pad_token_id = pad_token_id
@@ -269,8 +252,7 @@ def lora_config(lora: LoraSettings, approach: str):
 
     return LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-        target_modules=lora.target_modules, bias="none",
-        task_type="SEQ_CLS" if approach == "head" else "CAUSAL_LM",
+        target_modules=lora.target_modules, bias="none", task_type=approach_class(approach).task_type,
     )
 
 
@@ -306,8 +288,3 @@ def load_adapter(model, adapter_dir: Path, trainable: bool = False):
     if not (adapter_dir / "adapter_config.json").is_file() or not (adapter_dir / "adapter_model.safetensors").is_file():
         raise InputError(f"{adapter_dir}: not an adapter folder (needs adapter_config.json and adapter_model.safetensors)")
     return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
-
-
-def model_info(path: Path) -> dict:
-    cfg = json.loads((path / "config.json").read_text())
-    return {k: cfg.get(k) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")}

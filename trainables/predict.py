@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainables import layout as L
 from trainables.approaches import batched_log_scores, make_approach, use_bf16
 from trainables.config import RunConfig
 from trainables.errors import InputError
@@ -19,8 +20,6 @@ from trainables.models import (
     load_tokenizer,
     resolve_model,
 )
-
-REQUIRED = ("adapter", "tokenizer", "labels.json", "config.yaml")
 
 
 @dataclass
@@ -42,20 +41,20 @@ class Classifier:
         import yaml
 
         folder = Path(folder)
-        missing = [r for r in REQUIRED if not (folder / r).exists()]
+        missing = [r for r in L.REQUIRED if not (folder / r).exists()]
         if missing:
             raise InputError(f"{folder}: not a qlora-tune model folder (missing {', '.join(missing)})")
         self.folder = folder
-        self.cfg = RunConfig.model_validate(yaml.safe_load((folder / "config.yaml").read_text()))
-        self.label_names = json.loads((folder / "labels.json").read_text())["names"]
+        self.cfg = RunConfig.model_validate(yaml.safe_load((folder / L.CONFIG).read_text()))
+        self.label_names = json.loads((folder / L.LABELS).read_text())["names"]
         self.dev = dev or device()
         self.bf16 = use_bf16(self.cfg, self.dev)
         self.batch_size = batch_size or max(self.cfg.training.eval_batch_size, 64)
-        self.tokenizer = load_tokenizer(folder / "tokenizer", self.cfg.trust_remote_code)
+        self.tokenizer = load_tokenizer(folder / L.TOKENIZER, self.cfg.trust_remote_code)
         self.approach = make_approach(self.tokenizer, self.label_names, self.cfg)
         base = load_base(self.cfg, resolve_model(self.cfg.model), len(self.label_names),
                          self.tokenizer.pad_token_id, self.dev)
-        model = load_adapter(base, folder / "adapter")
+        model = load_adapter(base, folder / L.ADAPTER)
         if merge and self.cfg.quantization == "none":
             model = model.merge_and_unload()
         self.model = model.eval()
@@ -68,15 +67,6 @@ class Classifier:
         probs = torch.softmax(scores, -1).numpy()
         return Prediction([self.label_names[i] for i in probs.argmax(1)], probs, self.label_names)
 
-    @torch.inference_mode()
     def generate(self, texts: list[str], max_new_tokens: int = 12) -> list[str]:
-        """Free-text completion of the prompt (generation approach only)."""
-        if self.cfg.approach != "generation":
-            raise InputError("--generate needs a model trained with approach=generation")
-        out = []
-        for ids in self.approach.prompt_ids(list(texts)):
-            x = torch.tensor([ids], device=self.dev)
-            y = self.model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
-                                    do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
-            out.append(self.tokenizer.decode(y[0, len(ids):], skip_special_tokens=True).strip())
-        return out
+        """Free-text completion of each text's prompt (approaches that write text only)."""
+        return self.approach.generate(self.model, list(texts), self.dev, max_new_tokens)

@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-MODEL_DIR = "model"
-STATE_DIR = "state"
+from trainables import layout as L
+from trainables import params as P
+
 
 
 @dataclasses.dataclass
@@ -35,7 +36,6 @@ class TrialContext:
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
-    metric: str
     max_epochs: int
     gpu_per_trial: float
     """GPUs the whole trial holds (all workers together), for the ``gpu_seconds`` metric."""
@@ -47,28 +47,15 @@ class TrialContext:
 
 
 def trial_config(ctx: TrialContext, params: dict[str, Any]):
-    """The trial's RunConfig: the study's fixed settings with the sampled ``params`` applied."""
+    """The trial's RunConfig: the study's fixed settings with the sampled ``params`` (by config key) applied."""
     import copy
 
-    from trainables.config import RunConfig, decode_choice, set_dotted
+    from trainables.config import RunConfig, set_dotted
 
     tree = copy.deepcopy(ctx.run_config)
-    for k, v in flat_params(params).items():
-        set_dotted(tree, k, decode_choice(v))
-    return RunConfig.model_validate(tree)
-
-
-def flat_params(params: dict[str, Any]) -> dict[str, Any]:
-    """Sampled parameters as ``{config.key: value}``: drops the ``<approach>:`` prefix of
-    per-approach parameters and undoes any nesting Ray applied to the config dict."""
-    out: dict[str, Any] = {}
     for k, v in params.items():
-        if isinstance(v, dict):
-            for k2, v2 in flat_params(v).items():
-                out[k2] = v2
-        else:
-            out[k.split(":", 1)[-1]] = v
-    return out
+        set_dotted(tree, k, v)
+    return RunConfig.model_validate(tree)
 
 
 def train_trial(params: dict[str, Any], ctx: TrialContext) -> None:
@@ -92,24 +79,23 @@ def _train(params: dict[str, Any], ctx: TrialContext, trial_id: str, trial_name:
     ``report(metrics, checkpoint_folder_or_None)`` every epoch. Only worker 0 logs and checkpoints."""
     import torch
 
-    from trainables.config import decode_choice
     from trainables.data import load_dataset
     from trainables.distributed import rank_and_world
     from trainables.loop import Trainer, write_artifacts
-    from trainables.runlog import TrialRun
+    from trainables.runs import TrialRun
 
+    params = P.from_trial(params)
     cfg = trial_config(ctx, params)
-    params = {k: decode_choice(v) for k, v in flat_params(params).items()}
     if ctx.cpus_per_trial >= 1:  # per trial, or per worker of a data-parallel trial
         torch.set_num_threads(int(ctx.cpus_per_trial))
     main = rank_and_world()[0] == 0
     run = TrialRun(ctx, trial_id, trial_name, cfg, params) if main else None
     started = time.time()
     with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as d:
-        if d and Trainer.checkpoint_epoch(Path(d) / STATE_DIR) >= ctx.max_epochs:
+        if d and Trainer.checkpoint_epoch(Path(d) / L.CHECKPOINT_STATE) >= ctx.max_epochs:
             # restored from its final checkpoint: the trial had ended (its run completed before)
             if run and not run.completed:
-                run.complete(Path(d) / MODEL_DIR, time.time() - started)
+                run.complete(Path(d) / L.CHECKPOINT_MODEL, time.time() - started)
             return
         data = load_dataset(cfg.data)
         data.test = None  # the search never sees the test split
@@ -118,7 +104,7 @@ def _train(params: dict[str, Any], ctx: TrialContext, trial_id: str, trial_name:
         # with reused actors a Ray worker runs trial after trial: it tokenizes and quantizes once
         trainer = Trainer(cfg, data, dev=dev, log=lambda *_: None, reuse=ctx.reuse)
         if d:
-            trainer.load_checkpoint(Path(d) / STATE_DIR)
+            trainer.load_checkpoint(Path(d) / L.CHECKPOINT_STATE)
     if run:
         run.sync_history(trainer.history)
         run.log_metrics({"setup_seconds": trainer.setup_seconds}, step=trainer.epoch)
@@ -133,13 +119,13 @@ def _train(params: dict[str, Any], ctx: TrialContext, trial_id: str, trial_name:
             return
         run.log_metrics(m, step=rep.epoch)  # before reporting: Ray may stop the trial there
         with tempfile.TemporaryDirectory(prefix="qlt-ckpt-") as d:
-            tr.save_checkpoint(Path(d) / STATE_DIR)
+            tr.save_checkpoint(Path(d) / L.CHECKPOINT_STATE)
             if rep.epoch == ctx.max_epochs:
                 # last epoch: full reports of the selected adapter, logged by the trial itself
-                write_artifacts(Path(d) / MODEL_DIR, tr, tr.finish())
-                run.complete(Path(d) / MODEL_DIR, time.time() - started)
+                write_artifacts(Path(d) / L.CHECKPOINT_MODEL, tr, tr.finish())
+                run.complete(Path(d) / L.CHECKPOINT_MODEL, time.time() - started)
             else:
-                tr.write_best_model(Path(d) / MODEL_DIR)
+                tr.write_best_model(Path(d) / L.CHECKPOINT_MODEL)
             report(m, Path(d))
 
     try:
@@ -180,7 +166,7 @@ def _train_worker(config: dict) -> None:
 
 def _relay_callback(queue):
     """A Ray Train callback that hands worker 0's report and checkpoint to the Tune trial."""
-    from ray.train.v2.api.callback import UserCallback
+    from ray.train import UserCallback
 
     class Relay(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):

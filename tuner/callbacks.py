@@ -9,7 +9,9 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from trainables import runlog as R
+from trainables import layout as L
+from trainables import params as P
+from trainables import runs as R
 
 
 def _reason(trial) -> str:
@@ -52,16 +54,16 @@ class StudyCallback(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         epochs = trial.last_result.get("epoch", 0)
         if epochs < self.max_epochs:
-            self._close(trial, "stopped_early", f"stopped early after epoch {epochs}", "FINISHED")
+            self._close(trial, R.RunState.STOPPED_EARLY, f"stopped early after epoch {epochs}")
             self._line(trial, f"stopped early after epoch {epochs}")
         else:  # the trial closes its own run after its last epoch; this covers a crash in between
-            self._close(trial, "completed", None, "FINISHED", only_if_running=True)
+            self._close(trial, R.RunState.COMPLETED, None, only_if_open=True)
             self._line(trial, "completed")
         self._print(trials, force=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         reason = _reason(trial)
-        self._close(trial, "errored", reason, "FAILED")
+        self._close(trial, R.RunState.ERRORED, reason)
         self._line(trial, f"errored: {reason}")
         self._print(trials, force=True)
 
@@ -96,39 +98,31 @@ class StudyCallback(Callback):
             c = R.client(self.uri)
             for run in R.find_runs(c, self.exp_id, self.study, "trial", parent_run_id=self.parent):
                 if run.info.status == "RUNNING" and run.data.tags.get(R.TRIAL_TAG) not in known:
-                    c.set_tag(run.info.run_id, R.STATE_TAG, "lost")
-                    c.set_tag(run.info.run_id, R.REASON_TAG, "started by a driver that died before Ray recorded "
-                                                             "the trial; the resumed study does not continue it")
-                    c.set_terminated(run.info.run_id, "KILLED")
-                    c.delete_run(run.info.run_id)
+                    R.drop_lost_run(c, run.info.run_id, "started by a driver that died before Ray recorded "
+                                                        "the trial; the resumed study does not continue it")
         except Exception as e:  # noqa: BLE001 - tracking must not kill a study
             from tuner.console import err_console
 
             err_console.print(f"warning: could not check MLflow for lost trial runs: {e}")
 
-    def _close(self, trial, state: str, reason: str | None, status: str, only_if_running: bool = False) -> None:
-        """Tag the trial's final state, attach its best checkpoint's model folder when the trial
-        could not (stopped early), and end the run. Never raises: tracking must not kill a study."""
+    def _close(self, trial, state: R.RunState, reason: str | None, only_if_open: bool = False) -> None:
+        """End the trial's run in ``state``, attaching its best checkpoint's model folder when the
+        trial could not (stopped early). Never raises: tracking must not kill a study."""
         try:
             c = R.client(self.uri)
             run_id = self._run_id(trial)
             if run_id is None:  # failed before the trial could open its run: record it anyway
-                tags = {R.STUDY_TAG: self.study, R.KIND_TAG: "trial", R.TRIAL_TAG: trial.trial_id,
-                        "approach": str(trial.config.get("approach", "")), "mlflow.parentRunId": self.parent}
-                run_id = c.create_run(self.exp_id, run_name=f"{trial.trial_id} (failed at start)", tags=tags).info.run_id
-                R.log_params(c, run_id, {"search": {k.split(":", 1)[-1]: v for k, v in trial.config.items()}})
-            run = c.get_run(run_id)
-            if only_if_running and run.data.tags.get(R.STATE_TAG) == "completed":
+                params = P.from_trial(trial.config)
+                run_id = R.open_trial_run_after_failure(c, self.exp_id, self.study, self.parent, trial.trial_id,
+                                                        str(params.get("approach", "")), params)
+            if only_if_open and R.state_of(c.get_run(run_id)) is R.RunState.COMPLETED:
                 return
-            if state in ("stopped_early", "completed") and trial.checkpoint is not None:
+            if state.has_model and trial.checkpoint is not None:
                 with trial.checkpoint.as_directory() as d:
-                    model = Path(d) / "model"
+                    model = Path(d) / L.CHECKPOINT_MODEL
                     if model.is_dir():
-                        c.log_artifacts(run_id, str(model), "model")
-            c.set_tag(run_id, R.STATE_TAG, state)
-            if reason:
-                c.set_tag(run_id, R.REASON_TAG, reason)
-            c.set_terminated(run_id, status)
+                        c.log_artifacts(run_id, str(model), L.RUN_MODEL_ARTIFACT)
+            R.set_state(c, run_id, state, reason)
         except Exception as e:  # noqa: BLE001
             from tuner.console import err_console
 

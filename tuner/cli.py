@@ -79,7 +79,7 @@ def resume(name: Annotated[str, typer.Argument(help="Study name.")], address: Ad
 @app.command()
 def status(name: Annotated[Optional[str], typer.Argument(help="Study name (default: the latest).")] = None):
     """Trials table, best trial, compute used and saved by early stopping."""
-    from tuner.study import StudyRecord, latest_study
+    from tuner.records import StudyRecord, latest_study
     from tuner.summary import print_status
 
     print_status(StudyRecord.load(name or latest_study()))
@@ -98,8 +98,8 @@ def ui(
         return
     url = tracking.embedded_server(port=port)
     console.print(f"MLflow UI: {url}  (bound to 127.0.0.1; stop with `qlora-tune ui --stop`)")
-    from trainables import runlog as R
-    from tuner.study import StudyRecord, latest_study
+    from trainables import runs as R
+    from tuner.records import StudyRecord, latest_study
 
     try:
         rec = StudyRecord.load(latest_study())

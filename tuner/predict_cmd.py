@@ -21,10 +21,10 @@ def run_predict(ref: str, texts: list[str], input: Path | None, output: Path | N
     if input:
         df, texts = read_texts(input, text_column)
     clf = Classifier(folder, batch_size=batch_size)
-    if generate and clf.cfg.approach != "generation":
+    if generate and not clf.approach.can_generate:
         from trainables.errors import InputError
 
-        raise InputError("--generate needs a model trained with approach=generation")
+        raise InputError(f"--generate: approach {clf.cfg.approach} does not write text; use a generation model")
     pred = clf.predict(texts)
     recs = pd.DataFrame(pred.records())
     if generate:

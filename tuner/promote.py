@@ -5,7 +5,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from trainables import runlog as R
+from trainables import layout as L
+from trainables import runs as R
 from trainables.errors import InputError
 from tuner.console import console
 
@@ -17,33 +18,20 @@ def promote(name: str, metric: str | None, model_name: str | None, alias: str, f
     from trainables.metrics import report, write_reports
     from trainables.predict import Classifier
     from tuner.registry import log_classifier
-    from tuner.study import StudyRecord
-    from tuner.summary import study_rows
+    from tuner.records import StudyRecord
 
     rec = StudyRecord.load(name)
     study = rec.study
     metric = metric or study.metric
-    mode = "min" if metric.endswith("loss") else "max"
-    df = study_rows(rec)
+    best = best_trial(rec, metric)
     col = f"best_{metric}"
-    if not len(df):
-        raise InputError(f"study '{name}': has no trials yet")
-    if col not in df.columns:
-        if metric != study.metric:
-            df[col] = [_best_of(rec, r, metric, mode) for r in df["run_id"]]
-        else:
-            raise InputError(f"--metric {metric}: not recorded by study '{name}'")
-    df = df[df[col].notna() & df["state"].isin(["completed", "stopped_early"])]
-    if not len(df):
-        raise InputError(f"study '{name}': no finished trial with {metric} to promote")
-    best = df.loc[df[col].idxmax() if mode == "max" else df[col].idxmin()]
     c = R.client(rec.tracking_uri)
     data = load_dataset(study.data)
     if data.test is None:
         raise InputError(f"study '{name}': the data has no test split (set data.test or data.split.test)")
     model_name = model_name or f"qlora-tune-{name}"
     with tempfile.TemporaryDirectory(prefix="qlt-promote-") as d:
-        folder = Path(c.download_artifacts(best["run_id"], "model", d))
+        folder = Path(c.download_artifacts(best["run_id"], L.RUN_MODEL_ARTIFACT, d))
         console.print(f"evaluating trial {best['trial_id']} ({best['approach']}, eval {metric} {best[col]:.4f}) "
                       f"on the test split ({len(data.test)} rows)")
         clf = Classifier(folder)
@@ -54,11 +42,10 @@ def promote(name: str, metric: str | None, model_name: str | None, alias: str, f
         if test_value is None:  # loss: use accuracy for the guard
             key, test_value = "accuracy", rep["accuracy"]
         _guard(c, model_name, alias, f"test_{key}", test_value, force)
-        mlflow.set_tracking_uri(rec.tracking_uri)
-        tags = {R.STUDY_TAG: name, R.KIND_TAG: "promotion", "mlflow.parentRunId": rec.parent_run_id,
+        tags = {R.STUDY_TAG: name, "mlflow.parentRunId": rec.parent_run_id,
                 "trial_id": str(best["trial_id"]), "trial_run_id": best["run_id"],
                 "data_fingerprint": rec.data_fingerprint, "approach": str(best["approach"])}
-        with mlflow.start_run(experiment_id=rec.experiment_id, run_name=f"promote {best['trial_id']}", tags=tags) as run:
+        with R.promotion_run(rec.tracking_uri, rec.experiment_id, f"promote {best['trial_id']}", tags) as run:
             mlflow.log_metrics({f"test_{k}": rep[k] for k in ("accuracy", "f1_macro", "balanced_accuracy")})
             mlflow.log_metric(f"eval_{metric.removeprefix('eval_')}", float(best[col]))
             plots = Path(d) / "test-plots"
@@ -77,6 +64,27 @@ def promote(name: str, metric: str | None, model_name: str | None, alias: str, f
     console.print(f"use it: qlora-tune predict --model models:/{model_name}@{alias} --text \"...\"")
     return {"model_name": model_name, "version": mv.version, "alias": alias, "test": rep,
             "uri": f"models:/{model_name}@{alias}"}
+
+
+def best_trial(rec, metric: str):
+    """The row (see :func:`tuner.summary.study_rows`) of the trial with the best ``metric`` among those
+    that hold a model, with the value in column ``best_<metric>``."""
+    from tuner.summary import study_rows
+
+    mode = "min" if metric.endswith("loss") else "max"
+    df = study_rows(rec)
+    col = f"best_{metric}"
+    if not len(df):
+        raise InputError(f"study '{rec.name}': has no trials yet")
+    if col not in df.columns:
+        if metric != rec.study.metric:
+            df[col] = [_best_of(rec, r, metric, mode) for r in df["run_id"]]
+        else:
+            raise InputError(f"--metric {metric}: not recorded by study '{rec.name}'")
+    df = df[df[col].notna() & df["state"].isin([s.value for s in R.RunState if s.has_model])]
+    if not len(df):
+        raise InputError(f"study '{rec.name}': no finished trial with {metric} to promote")
+    return df.loc[df[col].idxmax() if mode == "max" else df[col].idxmin()]
 
 
 def _best_of(rec, run_id: str, metric: str, mode: str) -> float | None:

@@ -6,9 +6,10 @@ import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from trainables import layout as L
 from trainables.errors import InputError
 
-MODEL_DIR_ARTIFACT = "model_dir"
+MODEL_DIR_ARTIFACT = L.PYFUNC_MODEL_DIR
 
 
 def pip_requirements() -> list[str]:
@@ -67,13 +68,12 @@ def download_model_folder(ref: str) -> Path:
 
 def model_dir_of(local: Path, ref: str) -> Path:
     """The output folder inside a downloaded pyfunc model, as its MLmodel file names it."""
-    import yaml
+    from mlflow.models import Model
 
-    mlmodel = local / "MLmodel"
     try:
-        conf = yaml.safe_load(mlmodel.read_text())["flavors"]["python_function"]
+        conf = Model.load(str(local)).flavors["python_function"]
         folder = local / conf["artifacts"][MODEL_DIR_ARTIFACT]["path"]
-    except (OSError, KeyError, TypeError, yaml.YAMLError):
+    except Exception:  # noqa: BLE001 - no or unreadable MLmodel, not a pyfunc, no such artifact
         raise InputError(f"--model {ref}: not a qlora-tune model (no '{MODEL_DIR_ARTIFACT}' artifact in its MLmodel)") from None
     if not folder.is_dir():
         raise InputError(f"--model {ref}: the model's '{MODEL_DIR_ARTIFACT}' folder is missing")

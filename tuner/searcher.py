@@ -13,13 +13,14 @@ from typing import Any
 
 from ray.tune.search.optuna import OptunaSearch
 
-from trainables.config import encode_choice
+from trainables import compat
+from trainables import params as P
 from tuner.study_config import Distribution, SearchSpace
 
 
 def _suggest(trial, name: str, d: Distribution) -> None:
     if d.kind == "choice":
-        trial.suggest_categorical(name, [encode_choice(c) for c in d.choice])
+        trial.suggest_categorical(name, [P.encode(c) for c in d.choice])
     elif d.kind == "loguniform":
         trial.suggest_float(name, *d.loguniform, log=True)
     elif d.kind == "uniform":
@@ -30,7 +31,7 @@ def _suggest(trial, name: str, d: Distribution) -> None:
 
 class DefineByRun:
     """Optuna define-by-run space (picklable: Ray saves the searcher with the study state).
-    Per-approach parameters are named ``<approach>:<key>``."""
+    Parameter names and values as :mod:`trainables.params` defines them."""
 
     def __init__(self, space: SearchSpace, fixed_approach: str):
         self.space, self.fixed_approach = space, fixed_approach
@@ -43,13 +44,8 @@ class DefineByRun:
             if key != "approach":
                 _suggest(trial, key, d)
         for key, d in space.blocks.get(approach, {}).items():
-            _suggest(trial, f"{approach}:{key}", d)
+            _suggest(trial, P.sampled_name(key, approach), d)
         return None
-
-
-def param_key(name: str) -> str:
-    """Config key of a sampled parameter name (drops the ``<approach>:`` prefix)."""
-    return name.split(":", 1)[-1]
 
 
 class PruningAwareOptunaSearch(OptunaSearch):
@@ -60,11 +56,8 @@ class PruningAwareOptunaSearch(OptunaSearch):
         self._max_epochs = max_epochs
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-        if (not error and result and trial_id in self._ot_trials and trial_id not in self._completed_trials
-                and result.get("epoch", self._max_epochs) < self._max_epochs):
-            from optuna.trial import TrialState
-
-            self._ot_study.tell(self._ot_trials[trial_id], None, state=TrialState.PRUNED)
+        stopped_early = not error and result and result.get("epoch", self._max_epochs) < self._max_epochs
+        if stopped_early and trial_id not in self._completed_trials and compat.tell_optuna_pruned(self, trial_id):
             self._completed_trials.add(trial_id)
             return
         super().on_trial_complete(trial_id, result, error)

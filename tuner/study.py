@@ -2,140 +2,23 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import re
+import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
 
-from trainables import runlog as R
+from trainables import compat
+from trainables import runs as R
 from trainables.errors import InputError
 from trainables.paths import home
 from trainables.trial import TrialContext, train_trial
 from tuner import tracking
 from tuner.console import console
+from tuner.ray_cluster import check_resources, connect, local_gpus
+from tuner.records import StudyRecord, check_name
 from tuner.study_config import StudyConfig, load_study
-
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-
-
-@dataclasses.dataclass
-class StudyRecord:
-    """What ``resume``/``status``/``promote`` need to find a study again (``study.json``)."""
-
-    name: str
-    source: str
-    config: dict
-    tracking_uri: str
-    experiment_id: str
-    parent_run_id: str
-    storage_path: str
-    created: str
-    data_fingerprint: str = ""
-    state: str = "running"
-
-    @staticmethod
-    def folder(name: str) -> Path:
-        return home() / "studies" / name
-
-    def save(self) -> None:
-        f = self.folder(self.name)
-        f.mkdir(parents=True, exist_ok=True)
-        tmp = f / "study.json.tmp"
-        tmp.write_text(json.dumps(dataclasses.asdict(self), indent=2))
-        os.replace(tmp, f / "study.json")
-
-    @classmethod
-    def load(cls, name: str) -> "StudyRecord":
-        f = cls.folder(name) / "study.json"
-        if not f.is_file():
-            known = sorted(p.name for p in (home() / "studies").glob("*") if (p / "study.json").is_file()) \
-                if (home() / "studies").is_dir() else []
-            hint = f" (known: {', '.join(known[-10:])})" if known else " (no studies yet)"
-            raise InputError(f"study '{name}': not found{hint}")
-        return cls(**json.loads(f.read_text()))
-
-    @property
-    def study(self) -> StudyConfig:
-        return StudyConfig.model_validate(self.config)
-
-    @property
-    def experiment_path(self) -> str:
-        return f"{self.storage_path.rstrip('/')}/{self.name}"
-
-
-def latest_study() -> str:
-    root = home() / "studies"
-    recs = sorted(root.glob("*/study.json"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
-    if not recs:
-        raise InputError("no studies yet: start one with `qlora-tune run STUDY.yaml`")
-    return recs[-1].parent.name
-
-
-# ------------------------------------------------------------------ Ray
-
-
-def connect(address: str | None, runtime_env: dict | None = None) -> None:
-    import logging
-
-    import ray
-
-    from tuner.ray_compat import tolerate_deleted_checkpoints
-
-    tolerate_deleted_checkpoints()
-    if ray.is_initialized():
-        return
-    env_vars = {k: os.environ[k] for k in ("QLORA_TUNE_HOME", "QLORA_TUNE_SMOLLM2_GGUF", "HF_HUB_OFFLINE")
-                if k in os.environ}
-    # trials keep training while MLflow is away: fail fast per request, TrialRun keeps and resends
-    env_vars.update({k: os.environ.get(k, v) for k, v in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"),
-                                                           ("MLFLOW_HTTP_REQUEST_TIMEOUT", "15"))})
-    if address:  # joining a cluster: use its token if one is here, as `ray start` does
-        try:
-            from ray._private.authentication.authentication_token_setup import (
-                maybe_enable_token_auth_if_token_available,
-            )
-
-            maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-        except ImportError:  # older Ray: no token authentication
-            pass
-    kw = {}
-    host = (address or "").removeprefix("ray://").split(":")[0]
-    if host in ("127.0.0.1", "localhost"):
-        kw["_node_ip_address"] = "127.0.0.1"  # a loopback-only cluster: join it as a loopback node
-    try:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False,
-                 runtime_env={"env_vars": env_vars, **(runtime_env or {})}, configure_logging=True, **kw)
-    except ConnectionError as e:
-        raise InputError(f"--address {address}: cannot connect to a Ray cluster ({str(e).splitlines()[0]})") from None
-
-
-def check_resources(study: StudyConfig, source: str, cluster: dict[str, float]) -> dict[str, float]:
-    """Resources per trial that this cluster can satisfy, or a clear error before any trial starts."""
-    r = study.resources_per_trial
-    gpus = r.workers * r.gpus_per_worker if r.workers > 1 else r.gpu
-    have_gpu, have_cpu = cluster.get("GPU", 0.0), cluster.get("CPU", 0.0)
-    if gpus > 0 and have_gpu == 0 and gpus < 1 and r.workers == 1:
-        console.print(f"[yellow]warning[/]: resources_per_trial.gpu={gpus} but the cluster has no GPU; trials run on CPU")
-        gpus = 0.0
-    elif gpus > have_gpu:
-        raise InputError(f"{source}: resources_per_trial: a trial needs {gpus:g} GPU(s) but the cluster has {have_gpu:g}")
-    cpus = r.cpu * r.workers
-    if cpus > have_cpu:
-        raise InputError(f"{source}: resources_per_trial.cpu: a trial needs {cpus:g} CPUs but the cluster has {have_cpu:g}")
-    return {"cpu": r.cpu, "gpu": gpus}
-
-
-def _local_gpus() -> int:
-    try:
-        import torch
-
-        return torch.cuda.device_count()
-    except Exception:  # noqa: BLE001
-        return 0
-
 
 # ------------------------------------------------------------------ run / resume
 
@@ -145,7 +28,7 @@ def _context(rec: StudyRecord, res: dict[str, float]) -> TrialContext:
     r = s.resources_per_trial
     return TrialContext(study=rec.name, run_config=s.run_config().dump(), cpus_per_trial=res["cpu"],
                         tracking_uri=rec.tracking_uri, experiment_id=rec.experiment_id,
-                        parent_run_id=rec.parent_run_id, metric=s.metric, max_epochs=s.scheduler.max_epochs,
+                        parent_run_id=rec.parent_run_id, max_epochs=s.scheduler.max_epochs,
                         gpu_per_trial=res["gpu"], workers=r.workers,
                         gpus_per_worker=res["gpu"] / r.workers, storage_path=rec.storage_path,
                         reuse=_reuse_actors(s))
@@ -179,14 +62,13 @@ def run_study(path: Path, overrides: list[str], name: str | None, address: str |
 
     study, space = load_study(path, overrides)
     name = name or f"{Path(path).stem}-{datetime.now():%Y%m%d-%H%M%S}"
-    if not NAME_RE.match(name):
-        raise InputError(f"--name {name!r}: use letters, digits, '-', '_' and '.' (at most 100)")
+    check_name(name)
     if (StudyRecord.folder(name) / "study.json").exists():
         raise InputError(f"study '{name}' already exists; continue it with `qlora-tune resume {name}` or pick another --name")
     if address is None:  # a local cluster: what it will have is known before Ray starts
         import psutil
 
-        check_resources(study, str(path), {"GPU": _local_gpus(), "CPU": psutil.cpu_count()})
+        check_resources(study, str(path), {"GPU": local_gpus(), "CPU": psutil.cpu_count()})
     from trainables.data import load_dataset
 
     data = load_dataset(study.data)  # bad data fails here, before Ray starts
@@ -198,12 +80,10 @@ def run_study(path: Path, overrides: list[str], name: str | None, address: str |
     res = check_resources(study, str(path), ray.cluster_resources())
     c = R.client(uri)
     exp_id = tracking.experiment_id(c, study.tracking.experiment, study.tracking.artifact_location)
-    parent = c.create_run(exp_id, run_name=name, tags={
-        R.STUDY_TAG: name, R.KIND_TAG: "study", R.STATE_TAG: "running",
-        "data_fingerprint": data.fingerprint(), "versions": json.dumps(_versions()),
-    })
+    parent_run_id = R.open_study_run(c, exp_id, name, {"data_fingerprint": data.fingerprint(),
+                                                       "versions": json.dumps(_versions())})
     rec = StudyRecord(name=name, source=str(Path(path).resolve()), config=study.model_dump(mode="json"),
-                      tracking_uri=uri, experiment_id=exp_id, parent_run_id=parent.info.run_id,
+                      tracking_uri=uri, experiment_id=exp_id, parent_run_id=parent_run_id,
                       storage_path=study.storage or str(home() / "ray_results"),
                       created=datetime.now().isoformat(timespec="seconds"), data_fingerprint=data.fingerprint())
     rec.save()
@@ -217,9 +97,7 @@ def run_study(path: Path, overrides: list[str], name: str | None, address: str |
                            tune_config=_tune_config(study, space, _concurrency(study, res, ray.cluster_resources())),
                            run_config=_run_config(rec, study))
     except BaseException as e:  # the parent run must not stay RUNNING
-        from tuner.summary import finalize_study
-
-        finalize_study(rec, interrupted=True, seconds=0.0, reason=f"{type(e).__name__}: {e}")
+        finish_study(rec, interrupted=True, seconds=0.0, reason=f"{type(e).__name__}: {e}")
         raise
     workers = f" x {study.resources_per_trial.workers} workers" if study.resources_per_trial.workers > 1 else ""
     console.print(f"[bold]study[/] {name}: {study.num_trials} trials, approaches {space.approaches(study.approach)}, "
@@ -243,8 +121,7 @@ def resume_study(name: str, address: str | None) -> StudyRecord:
     if not tune.Tuner.can_restore(rec.experiment_path):
         raise InputError(f"study '{name}': nothing to resume at {rec.experiment_path} (the driver died before Ray saved any state)")
     c = R.client(rec.tracking_uri)
-    c.update_run(rec.parent_run_id, status="RUNNING")
-    c.set_tag(rec.parent_run_id, R.STATE_TAG, "running")
+    R.set_state(c, rec.parent_run_id, R.RunState.RUNNING)
     rec.state = "running"
     rec.save()
     console.print(f"[bold]resuming[/] {name} from {rec.experiment_path}")
@@ -300,8 +177,6 @@ def _run_config(rec: StudyRecord, study: StudyConfig):
 def _fit(tuner, rec: StudyRecord) -> StudyRecord:
     import signal
 
-    from tuner.summary import finalize_study
-
     t0 = time.time()
     interrupted = False
     before = signal.getsignal(signal.SIGINT)
@@ -309,10 +184,8 @@ def _fit(tuner, rec: StudyRecord) -> StudyRecord:
         results = tuner.fit()
         # Ray Tune catches Ctrl-C itself and returns normally; its handler puts the previous one back
         # only when it fired, so a handler that is no longer Ray's means the study was interrupted
-        after = signal.getsignal(signal.SIGINT)
+        ctrl_c = compat.tune_was_interrupted(signal.getsignal(signal.SIGINT))
         signal.signal(signal.SIGINT, before)
-        ray_handles = not int(os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0"))
-        ctrl_c = ray_handles and getattr(after, "__name__", "") != "signal_interrupt_tune_run"
         unfinished = len(results) - results.num_terminated - results.num_errors
         # Ray returns normally after Ctrl-C; a trial run that neither the trial nor the callback
         # closed is the sign (every trial that ends, ends its run)
@@ -324,13 +197,39 @@ def _fit(tuner, rec: StudyRecord) -> StudyRecord:
     except KeyboardInterrupt:
         interrupted = True
     except BaseException as e:
-        finalize_study(rec, interrupted=True, seconds=time.time() - t0, reason=f"{type(e).__name__}: {e}")
+        finish_study(rec, interrupted=True, seconds=time.time() - t0, reason=f"{type(e).__name__}: {e}")
         raise
-    finalize_study(rec, interrupted=interrupted, seconds=time.time() - t0)
+    finish_study(rec, interrupted=interrupted, seconds=time.time() - t0)
     if interrupted:
         console.print(f"[yellow]study {rec.name} interrupted[/]; continue it with `qlora-tune resume {rec.name}`")
         raise KeyboardInterrupt
     return rec
+
+
+def finish_study(rec: StudyRecord, interrupted: bool, seconds: float, reason: str | None = None) -> None:
+    """End the study: trial runs still open become interrupted, the parent run gets the report
+    (files and headline metrics, its best trial tagged) and its final state, and so does the record."""
+    from tuner.summary import best_row, print_status, study_rows, write_study_report
+
+    c = R.client(rec.tracking_uri)
+    for run in R.find_runs(c, rec.experiment_id, rec.name, "trial", parent_run_id=rec.parent_run_id):
+        if run.info.status == "RUNNING":
+            R.set_state(c, run.info.run_id, R.RunState.INTERRUPTED)
+    df = study_rows(rec)
+    with tempfile.TemporaryDirectory() as d:
+        metrics = write_study_report(rec, df, seconds, Path(d))
+        c.log_artifacts(rec.parent_run_id, d)
+    R.log_metrics(c, rec.parent_run_id, metrics, step=0)
+    best = best_row(rec, df)
+    if best is not None:
+        c.set_tag(rec.parent_run_id, "best_trial_id", str(best["trial_id"]))
+        c.set_tag(rec.parent_run_id, "best_run_id", str(best["run_id"]))
+    state = R.RunState.INTERRUPTED if interrupted else R.RunState.COMPLETED
+    R.set_state(c, rec.parent_run_id, state, reason)
+    rec.state = state.value
+    rec.save()
+    if not interrupted:
+        print_status(rec, df)
 
 
 def _versions() -> dict[str, str]:

@@ -12,17 +12,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from trainables.config import (
-    RunConfig,
-    _anchor_paths,
-    build_config,
-    parse_set,
-    read_yaml,
-    set_dotted,
-)
+from trainables.approaches import REGISTRY
+from trainables.config import RunConfig, load_config, set_dotted
 from trainables.errors import InputError
 
-APPROACHES = ("head", "generation")
+APPROACHES = tuple(REGISTRY)
 
 
 class Distribution(BaseModel):
@@ -96,9 +90,6 @@ class Tracking(BaseModel):
     """Artifact root of a newly created experiment (e.g. a shared path with a ``sqlite:`` store)."""
 
 
-METRIC_NAMES = ("eval_f1_macro", "eval_accuracy", "eval_balanced_accuracy", "eval_loss")
-
-
 class StudyConfig(RunConfig):
     search: dict[str, Any] | None = None
     scheduler: SchedulerSettings = SchedulerSettings()
@@ -117,8 +108,8 @@ class StudyConfig(RunConfig):
     reuse_actors: bool = False
     """Run trial after trial in the same Ray worker, which keeps the tokenizer, the tokenized splits
     and a pristine quantized base: no process start, imports, tokenizing or model load per trial
-    (1.18x trials/hour measured on one GPU with the base alone cached). Off by default because each
-    worker then holds a second copy of the quantized base in memory."""
+    (BENCHMARKS.md). Off by default because each worker then holds a second copy of the quantized
+    base in memory."""
     max_failures: int = Field(2, ge=0)
     tracking: Tracking = Tracking()
 
@@ -153,7 +144,7 @@ class SearchSpace:
 
 
 DEFAULT_SEARCH = {
-    "approach": {"choice": ["head", "generation"]},
+    "approach": {"choice": list(APPROACHES)},
     "training.learning_rate": {"loguniform": [5e-5, 1e-3]},
     "training.batch_size": {"choice": [8, 16, 32]},
     "training.warmup_ratio": {"uniform": [0.0, 0.1]},
@@ -162,7 +153,7 @@ DEFAULT_SEARCH = {
     "lora.alpha": {"choice": [16, 32, 64]},
     "lora.dropout": {"uniform": [0.0, 0.1]},
     "lora.target_modules": {"choice": ["all-linear", ["q_proj", "k_proj", "v_proj", "o_proj"]]},
-    "head": {"head.class_weights": {"choice": ["none", "balanced"]}},
+    **{name: dict(cls.default_search) for name, cls in REGISTRY.items() if cls.default_search},
 }
 
 
@@ -238,9 +229,7 @@ def parse_search(study: StudyConfig, source: str) -> SearchSpace:
 
 
 def load_study(path: str | Path, overrides: list[str] | None = None) -> tuple[StudyConfig, SearchSpace]:
-    tree = read_yaml(path)
-    _anchor_paths(tree, Path(path).resolve().parent)
-    study = build_config(StudyConfig, tree, parse_set(overrides), str(path))
+    study = load_config(path, overrides, StudyConfig)
     if study.storage and "://" not in study.storage:
         study.storage = str(Path(study.storage).expanduser().resolve())
     r = study.resources_per_trial

@@ -1,16 +1,18 @@
-"""Study summaries: the live table, the trials table from MLflow, the parent run's artifacts."""
+"""What a study looks like: the live table, one-line trial reports, the trials table read back from
+MLflow, and the report files of a finished study. Nothing here changes a run's state."""
 
 from __future__ import annotations
 
 import json
 import math
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 from rich.table import Table
 
-from trainables import runlog as R
+from trainables import layout as L
+from trainables import params as P
+from trainables import runs as R
 from tuner.console import console
 
 SHOWN = ("training.learning_rate", "lora.r", "training.batch_size")
@@ -28,7 +30,7 @@ def live_table(trials, metric: str, mode: str, max_epochs: int) -> Table:
     for col in ("trial", "state", "approach", "lr", "r", "batch", "epochs", metric):
         t.add_column(col)
     for tr in trials:
-        cfg = {k.split(":", 1)[-1]: v for k, v in tr.config.items()}
+        cfg = P.from_trial(tr.config)
         res = tr.last_result or {}
         t.add_row(tr.trial_id, tr.status.lower(), str(cfg.get("approach", "")),
                   *(_fmt(cfg.get(k)) for k in SHOWN),
@@ -38,7 +40,7 @@ def live_table(trials, metric: str, mode: str, max_epochs: int) -> Table:
 
 def trial_line(trial, what: str, metric: str, max_epochs: int) -> str:
     """``trial 1a2b3c4d (head, lr=0.0003, r=16, batch=16) completed: epoch 3/3, eval_f1_macro 0.91``."""
-    cfg = {k.split(":", 1)[-1]: v for k, v in trial.config.items()}
+    cfg = P.from_trial(trial.config)
     params = ", ".join(f"{k.rpartition('.')[2].replace('learning_rate', 'lr').replace('batch_size', 'batch')}="
                        f"{_fmt(cfg[k])}" for k in SHOWN if k in cfg)
     res = trial.last_result or {}
@@ -64,7 +66,7 @@ def study_rows(rec) -> pd.DataFrame:
             "gpu_seconds": run.data.metrics.get("gpu_seconds", 0.0),
             "reason": run.data.tags.get(R.REASON_TAG, ""),
         }
-        row.update({k.removeprefix("search."): v for k, v in run.data.params.items() if k.startswith("search.")})
+        row.update(P.from_mlflow(run.data.params))
         row["_history"] = [(s, by_step[s]) for s in sorted(by_step)]
         rows.append(row)
     df = pd.DataFrame(rows)
@@ -114,46 +116,26 @@ def compute_summary(rec, df: pd.DataFrame) -> dict:
             "gpu_hours": float(df["gpu_seconds"].sum()) / 3600 if len(df) else 0.0}
 
 
-def finalize_study(rec, interrupted: bool, seconds: float, reason: str | None = None) -> None:
-    """Close what is still open and attach the study's artifacts to its parent run."""
-    c = R.client(rec.tracking_uri)
-    df = study_rows(rec)
-    for _, r in df.iterrows():
-        if r["status"] == "RUNNING":
-            c.set_tag(r["run_id"], R.STATE_TAG, "interrupted")
-            c.set_terminated(r["run_id"], "KILLED")
-    df = study_rows(rec)
+def write_study_report(rec, df: pd.DataFrame, seconds: float, folder: Path) -> dict[str, float]:
+    """The study's report files in ``folder`` (``trials.csv``, ``metric_by_epoch.png``,
+    ``summary.json``, the best trial's config); returns the study's headline metrics."""
     summary = compute_summary(rec, df)
     best = best_row(rec, df)
-    with tempfile.TemporaryDirectory() as d:
-        d = Path(d)
-        if len(df):
-            df.drop(columns=["_history"]).to_csv(d / "trials.csv", index=False)
-            plot_metric_by_epoch(rec, df, d / "metric_by_epoch.png")
-        (d / "summary.json").write_text(json.dumps({**summary, "seconds": seconds}, indent=2))
-        if best is not None:
-            try:
-                cfg_text = c.download_artifacts(best["run_id"], "model/config.yaml", str(d))
-                Path(cfg_text).rename(d / "best_config.yaml")
-            except Exception:  # noqa: BLE001 - best trial has no model folder yet
-                pass
-        c.log_artifacts(rec.parent_run_id, str(d))
+    if len(df):
+        df.drop(columns=["_history"]).to_csv(folder / "trials.csv", index=False)
+        plot_metric_by_epoch(rec, df, folder / "metric_by_epoch.png")
+    (folder / "summary.json").write_text(json.dumps({**summary, "seconds": seconds}, indent=2))
     metrics = {"epochs_run": summary["epochs_run"], "compute_saved": summary["compute_saved"],
                "gpu_hours": summary["gpu_hours"], "wall_seconds": seconds}
     if best is not None:
         metrics[f"best_{rec.study.metric}"] = float(best[f"best_{rec.study.metric}"])
-        c.set_tag(rec.parent_run_id, "best_trial_id", str(best["trial_id"]))
-        c.set_tag(rec.parent_run_id, "best_run_id", str(best["run_id"]))
-    R.log_metrics(c, rec.parent_run_id, metrics, step=0)
-    state = "interrupted" if interrupted else "completed"
-    c.set_tag(rec.parent_run_id, R.STATE_TAG, state)
-    if reason:
-        c.set_tag(rec.parent_run_id, R.REASON_TAG, reason[:500])
-    c.set_terminated(rec.parent_run_id, "KILLED" if interrupted else "FINISHED")
-    rec.state = state
-    rec.save()
-    if not interrupted:
-        print_status(rec, df)
+        try:
+            got = R.client(rec.tracking_uri).download_artifacts(
+                best["run_id"], f"{L.RUN_MODEL_ARTIFACT}/{L.CONFIG}", str(folder))
+            Path(got).rename(folder / L.BEST_CONFIG)
+        except Exception:  # noqa: BLE001 - the best trial has no model folder yet
+            pass
+    return metrics
 
 
 def print_status(rec, df: pd.DataFrame | None = None) -> None:

@@ -1,4 +1,5 @@
-"""MLflow on the driver side: the embedded tracking server, experiments, the study's parent run."""
+"""MLflow on the driver side: the embedded tracking server, experiments, and links into the UI.
+(The runs themselves, and their states, are :mod:`trainables.runs`'.)"""
 
 from __future__ import annotations
 
@@ -121,7 +122,7 @@ def runs_link(uri: str, experiment_id: str, study: str | None = None) -> str | N
         return None
     from urllib.parse import urlencode
 
-    from trainables.runlog import STUDY_TAG
+    from trainables.runs import STUDY_TAG
 
     query = {"workflowType": "machine_learning"}
     if study:

@@ -1,25 +1,53 @@
-"""MLflow runs of a study, as the trial and the driver both see them (logging over HTTP).
+"""The MLflow runs of a study, and every change of their state, in one module.
 
-One parent run per study; one child run per trial (tag ``mlflow.parentRunId``), found again by the
-tags ``qlora_tune.study`` + ``qlora_tune.trial_id`` so a resumed trial continues its own run.
+One parent run per study (``kind=study``), one child run per trial (``kind=trial``, tag
+``mlflow.parentRunId``), one run per promotion (``kind=promotion``). Runs are found again by the tags
+``qlora_tune.study`` + ``qlora_tune.trial_id``, so a resumed trial continues its own run. A run's state
+is a :class:`RunState`: the ``qlora_tune.state`` tag, with the MLflow status that goes with it; only
+:func:`set_state` (and the openers here) write either. Trials and the driver both log over HTTP.
 """
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import json
 import os
 import time
 from pathlib import Path
 
+from trainables import layout as L
+from trainables import params as P
 from trainables.config import RunConfig
 
 STUDY_TAG = "qlora_tune.study"
 TRIAL_TAG = "qlora_tune.trial_id"
-STATE_TAG = "qlora_tune.state"  # running | completed | stopped_early | errored | interrupted | lost
+STATE_TAG = "qlora_tune.state"
 REASON_TAG = "qlora_tune.reason"
-KIND_TAG = "qlora_tune.kind"  # study | trial
+KIND_TAG = "qlora_tune.kind"  # study | trial | promotion
 NODE_TAG = "qlora_tune.node_id"  # the Ray node the trial (last) ran on
 PID_TAG = "qlora_tune.pid"  # the worker process the trial (last) ran in
+
+
+class RunState(str, enum.Enum):
+    """The state of a study's or a trial's run (tag ``qlora_tune.state``)."""
+
+    RUNNING = "running"
+    COMPLETED = "completed"          # ran to its last epoch (a trial) or to the end (a study)
+    STOPPED_EARLY = "stopped_early"  # cut by the scheduler; its best epoch still counts
+    ERRORED = "errored"              # raised; the reason is tagged
+    INTERRUPTED = "interrupted"      # the driver was interrupted or died; `resume` continues it
+    LOST = "lost"                    # started by a driver that died before Ray recorded the trial
+
+    @property
+    def mlflow_status(self) -> str:
+        return {"running": "RUNNING", "completed": "FINISHED", "stopped_early": "FINISHED",
+                "errored": "FAILED"}.get(self.value, "KILLED")
+
+    @property
+    def has_model(self) -> bool:
+        """Whether a run in this state holds a trained model folder."""
+        return self in (RunState.COMPLETED, RunState.STOPPED_EARLY)
 
 
 def _node_id() -> str:
@@ -54,12 +82,13 @@ def find_runs(c, exp_id: str, study: str, kind: str, trial_id: str | None = None
             return runs
 
 
-def flat_params(d: dict, prefix: str = "") -> dict[str, str]:
+def _mlflow_params(d: dict, prefix: str = "") -> dict[str, str]:
+    """Nested settings as MLflow params: dotted keys, string values (lists as JSON)."""
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(flat_params(v, key + "."))
+            out.update(_mlflow_params(v, key + "."))
         else:
             s = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
             out[key] = s[:6000]
@@ -69,7 +98,7 @@ def flat_params(d: dict, prefix: str = "") -> dict[str, str]:
 def log_params(c, run_id: str, params: dict) -> None:
     from mlflow.entities import Param
 
-    items = [Param(k, v) for k, v in flat_params(params).items()]
+    items = [Param(k, v) for k, v in _mlflow_params(params).items()]
     for s in range(0, len(items), 100):
         try:
             c.log_batch(run_id, params=items[s: s + 100])
@@ -109,6 +138,61 @@ def log_datasets(c, run_id: str, data) -> None:
     c.log_inputs(run_id, datasets=inputs)
 
 
+# ------------------------------------------------------------------ state changes
+
+
+def set_state(c, run_id: str, state: RunState, reason: str | None = None) -> None:
+    """Tag ``state`` (and ``reason``) and give the run the MLflow status that goes with it."""
+    c.set_tag(run_id, STATE_TAG, state.value)
+    if reason:
+        c.set_tag(run_id, REASON_TAG, reason[:500])
+    if state is RunState.RUNNING:
+        c.update_run(run_id, status="RUNNING")
+    else:
+        c.set_terminated(run_id, state.mlflow_status)
+
+
+def state_of(run) -> RunState | None:
+    v = run.data.tags.get(STATE_TAG)
+    return RunState(v) if v in RunState._value2member_map_ else None
+
+
+def open_study_run(c, exp_id: str, study: str, tags: dict[str, str]) -> str:
+    """A new parent run for ``study``; returns its id."""
+    run = c.create_run(exp_id, run_name=study, tags={STUDY_TAG: study, KIND_TAG: "study",
+                                                      STATE_TAG: RunState.RUNNING.value, **tags})
+    return run.info.run_id
+
+
+def open_trial_run_after_failure(c, exp_id: str, study: str, parent_run_id: str, trial_id: str,
+                                 approach: str, params: dict) -> str:
+    """The run of a trial that failed before it could open its own (so that it is recorded)."""
+    run = c.create_run(exp_id, run_name=f"{trial_id} (failed at start)", tags={
+        STUDY_TAG: study, KIND_TAG: "trial", TRIAL_TAG: trial_id, "approach": approach,
+        "mlflow.parentRunId": parent_run_id, STATE_TAG: RunState.RUNNING.value})
+    log_params(c, run.info.run_id, P.to_mlflow(params))
+    return run.info.run_id
+
+
+def drop_lost_run(c, run_id: str, reason: str) -> None:
+    """End a run nobody will continue and soft-delete it (``mlflow runs restore`` brings it back)."""
+    set_state(c, run_id, RunState.LOST, reason)
+    c.delete_run(run_id)
+
+
+@contextlib.contextmanager
+def promotion_run(uri: str, exp_id: str, name: str, tags: dict[str, str]):
+    """An active (fluent) MLflow run for promoting a trial, ended FINISHED, or FAILED on an error."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(experiment_id=exp_id, run_name=name, tags={KIND_TAG: "promotion", **tags}) as run:
+        yield run
+
+
+# ------------------------------------------------------------------ a trial's run
+
+
 class TrialRun:
     """Get-or-create the child run of ``trial_id`` (a resumed trial continues its own run).
 
@@ -125,23 +209,22 @@ class TrialRun:
 
     def _open(self, ctx, trial_id, trial_name, cfg, params) -> None:
         found = find_runs(self.c, ctx.experiment_id, ctx.study, "trial", trial_id, ctx.parent_run_id)
-        self.completed = bool(found) and found[0].data.tags.get(STATE_TAG) == "completed"
+        self.completed = bool(found) and state_of(found[0]) is RunState.COMPLETED
         if self.completed:  # restored from its final checkpoint: the run was completed before it
             self.run_id = found[0].info.run_id
             return
         if found:
             self.run_id = found[0].info.run_id
-            self.c.update_run(self.run_id, status="RUNNING")
-            self.c.set_tag(self.run_id, STATE_TAG, "running")
+            set_state(self.c, self.run_id, RunState.RUNNING)
             self.c.set_tag(self.run_id, "resumed", "true")
         else:
             run = self.c.create_run(ctx.experiment_id, run_name=f"{trial_name} ({cfg.approach})", tags={
                 "mlflow.parentRunId": ctx.parent_run_id, STUDY_TAG: ctx.study, TRIAL_TAG: trial_id,
-                KIND_TAG: "trial", STATE_TAG: "running", "approach": cfg.approach,
+                KIND_TAG: "trial", STATE_TAG: RunState.RUNNING.value, "approach": cfg.approach,
             })
             self.run_id = run.info.run_id
             log_params(self.c, self.run_id, cfg.dump())
-            log_params(self.c, self.run_id, {f"search.{k}": v for k, v in params.items()})
+            log_params(self.c, self.run_id, P.to_mlflow(params))
         self.c.set_tag(self.run_id, NODE_TAG, _node_id())
         self.c.set_tag(self.run_id, PID_TAG, str(os.getpid()))
 
@@ -195,9 +278,8 @@ class TrialRun:
         def finish():
             if not self.flush():
                 raise ConnectionError("MLflow unreachable")
-            self.c.log_artifacts(self.run_id, str(folder), "model")
-            self.c.set_tag(self.run_id, STATE_TAG, "completed")
-            self.c.set_terminated(self.run_id, "FINISHED")
+            self.c.log_artifacts(self.run_id, str(folder), L.RUN_MODEL_ARTIFACT)
+            set_state(self.c, self.run_id, RunState.COMPLETED)
 
         self._retry(finish)
         self.completed = True

@@ -1,0 +1,74 @@
+"""The Ray cluster a study runs on: joining or starting it, and what it can give a trial."""
+
+from __future__ import annotations
+
+import os
+
+from trainables import compat
+from trainables.errors import InputError
+from tuner.console import console
+from tuner.study_config import StudyConfig
+
+
+def connect(address: str | None, runtime_env: dict | None = None) -> None:
+    """Join the cluster at ``address`` (``auto``, ``HOST:PORT``, ``ray://...``), or start a local one."""
+    import logging
+
+    import ray
+
+    compat.tolerate_deleted_checkpoints()
+    if ray.is_initialized():
+        return
+    env_vars = {k: os.environ[k] for k in ("QLORA_TUNE_HOME", "QLORA_TUNE_SMOLLM2_GGUF", "HF_HUB_OFFLINE")
+                if k in os.environ}
+    # trials keep training while MLflow is away: fail fast per request, TrialRun keeps and resends
+    env_vars.update({k: os.environ.get(k, v) for k, v in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"),
+                                                           ("MLFLOW_HTTP_REQUEST_TIMEOUT", "15"))})
+    if address and "RAY_AUTH_MODE" not in os.environ and _auth_token_available():
+        # joining a cluster with token authentication: use the token here, as `ray start` does
+        # (ray.init enables it by itself only for a local cluster it finds)
+        os.environ["RAY_AUTH_MODE"] = "token"
+    host = (address or "").removeprefix("ray://").split(":")[0]
+    kw = compat.loopback_node_kwargs() if host in ("127.0.0.1", "localhost") else {}
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False,
+                 runtime_env={"env_vars": env_vars, **(runtime_env or {})}, configure_logging=True, **kw)
+    except ConnectionError as e:
+        raise InputError(f"--address {address}: cannot connect to a Ray cluster ({str(e).splitlines()[0]})") from None
+
+
+def _auth_token_available() -> bool:
+    """A Ray authentication token in ``$RAY_AUTH_TOKEN``, ``$RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``."""
+    from pathlib import Path
+
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token"
+    return Path(path).is_file()
+
+
+def check_resources(study: StudyConfig, source: str, cluster: dict[str, float]) -> dict[str, float]:
+    """Resources per trial that this cluster can satisfy, or a clear error before any trial starts."""
+    r = study.resources_per_trial
+    gpus = r.workers * r.gpus_per_worker if r.workers > 1 else r.gpu
+    have_gpu, have_cpu = cluster.get("GPU", 0.0), cluster.get("CPU", 0.0)
+    if gpus > 0 and have_gpu == 0 and gpus < 1 and r.workers == 1:
+        console.print(f"[yellow]warning[/]: resources_per_trial.gpu={gpus} but the cluster has no GPU; trials run on CPU")
+        gpus = 0.0
+    elif gpus > have_gpu:
+        raise InputError(f"{source}: resources_per_trial: a trial needs {gpus:g} GPU(s) but the cluster has {have_gpu:g}")
+    cpus = r.cpu * r.workers
+    if cpus > have_cpu:
+        raise InputError(f"{source}: resources_per_trial.cpu: a trial needs {cpus:g} CPUs but the cluster has {have_cpu:g}")
+    return {"cpu": r.cpu, "gpu": gpus}
+
+
+def local_gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001
+        return 0
+
+
