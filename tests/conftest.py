@@ -192,3 +192,11 @@ def finished_study(tmp_path_factory, ray_cluster, mlflow_server):
     from tuner.records import StudyRecord
 
     return StudyRecord.load("both-approaches")
+
+
+@pytest.fixture(scope="session")
+def promoted(finished_study):
+    """The finished study's best trial, promoted to the registry as tiny-champion@champion."""
+    p = run_cli("promote", finished_study.name, "--model-name", "tiny-champion")
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    return finished_study

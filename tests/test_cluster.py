@@ -76,6 +76,29 @@ def test_kuberay_manifests_have_their_required_fields():
     assert "ReadWriteMany" in pvc["spec"]["accessModes"]
 
 
+def test_rayservice_serves_the_champion_with_a_valid_serve_config():
+    """The RayService's Serve config passes Ray Serve's own schema, names qlora-tune's application
+    builder, and its arguments build the application (replicas fit the GPU workers)."""
+    from ray.serve.schema import ServeDeploySchema
+
+    svc = _all_manifests()["RayService/qlora-tune-serve"]
+    assert svc["apiVersion"] == "ray.io/v1"
+    config = ServeDeploySchema.model_validate(yaml.safe_load(svc["spec"]["serveConfigV2"]))
+    (app,) = config.applications
+    assert app.import_path == "tuner.serve:build_app" and app.route_prefix == "/"
+    assert any(m.endswith("@champion") for m in app.args["models"])
+    from ray.serve import Application
+
+    from tuner import serve
+
+    assert isinstance(serve.build_app(app.args), Application)
+    workers = svc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    gpus = sum(int(w["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) * w["maxReplicas"]
+               for w in workers)
+    scaling = app.args["scaling"]
+    assert scaling["max_replicas"] * scaling["gpus_per_replica"] <= gpus
+
+
 def test_manifests_agree_with_each_other_and_the_study():
     from tuner.study_config import load_study
 
@@ -88,7 +111,7 @@ def test_manifests_agree_with_each_other_and_the_study():
     port = m["Service/mlflow"]["spec"]["ports"][0]["port"]
     assert study.tracking.tracking_uri == f"http://mlflow:{port}"
     assert str(port) in m["Deployment/mlflow"]["spec"]["template"]["spec"]["containers"][0]["command"]
-    for d in (m["RayCluster/qlora-tune"],):
+    for d in (m["RayCluster/qlora-tune"], m["RayService/qlora-tune-serve"]):
         for c in _containers(d):
             env = {e["name"]: e.get("value") for e in c.get("env", [])}
             assert env["MLFLOW_TRACKING_URI"] == study.tracking.tracking_uri

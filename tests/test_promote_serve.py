@@ -48,13 +48,6 @@ def test_pyfunc_reproduces_the_trained_model_exactly(approach, tiny_csv, tmp_pat
     assert str(conf["model_code_path"]).endswith("pyfunc_model.py"), conf
 
 
-@pytest.fixture(scope="module")
-def promoted(finished_study):
-    p = run_cli("promote", finished_study.name, "--model-name", "tiny-champion")
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    return finished_study
-
-
 def test_promote_registers_with_lineage_and_alias(promoted):
     c = R.client(promoted.tracking_uri)
     mv = c.get_model_version_by_alias("tiny-champion", "champion")
@@ -103,49 +96,138 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _post(url: str, body: bytes):
+def _post(url: str, body: bytes, timeout: float = 60):
     req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=60) as r:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+        raw = e.read()
+        try:
+            return e.code, json.loads(raw)
+        except ValueError:
+            return e.code, {"error": raw.decode(errors="replace")}
+
+
+def _get(url: str):
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return json.loads(r.read())
 
 
 @pytest.fixture(scope="module")
-def server(promoted):
+def challenger(promoted):
+    """A second registered version of tiny-champion (@challenger): another head trial of the study,
+    so that both versions share one base when served together."""
+    import tempfile
+    from pathlib import Path
+
+    import mlflow
+
+    from trainables import layout as L
+    from tuner.registry import log_classifier
+
+    c = R.client(promoted.tracking_uri)
+    champion = c.get_model_version_by_alias("tiny-champion", "champion")
+    trials = [r for r in R.find_runs(c, promoted.experiment_id, promoted.name, "trial")
+              if r.data.tags.get("approach") == "head" and R.state_of(r) and R.state_of(r).has_model
+              and r.data.tags[R.TRIAL_TAG] != champion.tags["trial_id"]]
+    assert trials, "the study needs a second head trial with a model"
+    with tempfile.TemporaryDirectory() as d:
+        folder = Path(c.download_artifacts(trials[0].info.run_id, L.RUN_MODEL_ARTIFACT, d))
+        with R.promotion_run(promoted.tracking_uri, promoted.experiment_id, "challenger", {}):
+            info = log_classifier(folder)
+        mv = mlflow.register_model(info.model_uri, "tiny-champion")
+    c.set_registered_model_alias("tiny-champion", "challenger", mv.version)
+    return "models:/tiny-champion@challenger"
+
+
+@pytest.fixture(scope="module")
+def server(promoted, challenger, ray_cluster):
+    """`qlora-tune serve` of champion and challenger on the session's Ray cluster: 2 replicas, each
+    holding both versions; batches wait up to 50 ms for more texts."""
     port = _port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": promoted.tracking_uri}
-    proc = subprocess.Popen([sys.executable, "-m", "tuner.cli", "serve", "models:/tiny-champion@champion",
-                             "--port", str(port), "--max-texts", "8"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "tuner.cli", "serve", "models:/tiny-champion@champion", challenger,
+                             "--address", ray_cluster, "--port", str(port), "--replicas", "2",
+                             "--cpus-per-replica", "0.5", "--max-texts", "8", "--batch-wait-ms", "50"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(240):
+    deadline = time.time() + 300
+    while True:
         try:
-            with urllib.request.urlopen(url + "/health", timeout=2):
+            if _get(url + "/health")["status"] == "ok":
                 break
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - not up yet
             assert proc.poll() is None, proc.stdout.read()
-            time.sleep(0.5)
+            assert time.time() < deadline, "serve did not come up in 300 s"
+            time.sleep(1)
     yield url
     proc.terminate()
-    proc.wait(timeout=30)
+    proc.wait(timeout=60)
 
 
-def test_serve_answers_batches_like_the_model(server, promoted):
-    texts = ["1: service was really great", "2: i think this is awful", "3: the movie was great"]
-    code, body = _post(server + "/predict", json.dumps({"texts": texts}).encode())
-    assert code == 200, body
-    preds = body["predictions"]
-    assert len(preds) == 3 and all(abs(sum(p["probabilities"].values()) - 1) < 1e-5 for p in preds)
+TEXTS = ["1: service was really great", "2: i think this is awful", "3: the movie was great"]
+
+
+def _alone(ref: str, promoted):
     from trainables.predict import Classifier
     from tuner.refs import local_model_folder
 
     os.environ["MLFLOW_TRACKING_URI"] = promoted.tracking_uri
-    ref = Classifier(local_model_folder("models:/tiny-champion@champion")).predict(texts)
-    assert [p["label"] for p in preds] == ref.labels
-    code, body = _post(server + "/invocations", json.dumps({"dataframe_records": [{"text": t} for t in texts]}).encode())
-    assert code == 200 and len(body["predictions"]) == 3
+    return Classifier(local_model_folder(ref)).predict(TEXTS)
+
+
+def _replicas(url: str, want: int, timeout: float = 120) -> dict[int, dict]:
+    """/stats of at least ``want`` distinct replicas (requests land on a random one)."""
+    seen: dict[int, dict] = {}
+    deadline = time.time() + timeout
+    while len(seen) < want:
+        assert time.time() < deadline, f"saw replicas {sorted(seen)} only"
+        try:
+            st = _get(url + "/stats")
+        except Exception:  # noqa: BLE001 - routed to a replica that just died
+            time.sleep(0.5)
+            continue
+        seen[st["pid"]] = st
+    return seen
+
+
+@pytest.mark.parametrize("alias", ["champion", "challenger"])
+def test_serve_answers_like_each_model_alone(server, promoted, alias):
+    """Both versions answer from the same server, each exactly as it does alone, in the records
+    format that `predict` and the pyfunc model give."""
+    code, body = _post(server + "/predict", json.dumps({"texts": TEXTS, "model": alias}).encode())
+    assert code == 200, body
+    ref = _alone(f"models:/tiny-champion@{alias}", promoted)
+    preds = body["predictions"]
+    assert [p["label"] for p in preds] == ref.labels and {p["model"] for p in preds} == {alias}
+    got = np.array([[p[f"p_{n}"] for n in ref.label_names] for p in preds])
+    np.testing.assert_allclose(got, ref.probabilities, atol=1e-5)
+    assert body["labels"] == ref.label_names
+    code, body = _post(server + "/invocations",
+                       json.dumps({"dataframe_records": [{"text": t} for t in TEXTS], "model": alias}).encode())
+    assert code == 200 and [p["label"] for p in body["predictions"]] == ref.labels
+
+
+def test_each_replica_serves_both_versions_over_one_base(server):
+    health = _get(server + "/health")
+    assert set(health["models"]) == {"champion", "challenger"} and health["default"] == "champion"
+    for st in _replicas(server, 2).values():
+        assert st["bases"] == 1, st  # two head adapters attached to one quantized base
+
+
+def test_concurrent_requests_are_coalesced_into_batches(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i: int):
+        model = ("champion", "challenger")[i % 2]  # a batch may mix versions
+        return _post(server + "/predict", json.dumps({"texts": [TEXTS[i % 3]], "model": model}).encode())
+
+    with ThreadPoolExecutor(24) as pool:
+        results = list(pool.map(one, range(48)))
+    assert all(code == 200 for code, _ in results), [r for r in results if r[0] != 200][:3]
+    largest = max(st["largest_batch"] for st in _replicas(server, 2).values())
+    assert largest > 1, "the model only ever saw batches of one text"
 
 
 @pytest.mark.parametrize("body,status,fragment", [
@@ -154,6 +236,8 @@ def test_serve_answers_batches_like_the_model(server, promoted):
     (b'{"texts": []}', 422, "is empty"),
     (b'{"texts": ["ok", ""]}', 422, "texts[1] is empty"),
     (b'{"texts": ["ok", 3]}', 422, "texts[1] is not a string"),
+    (b'{"texts": ["ok"], "model": 3}', 422, "'model' must be the name"),
+    (b'{"texts": ["ok"], "model": "nope"}', 404, "model 'nope': not served here (serving: champion, challenger)"),
     (b'{"texts": [' + b",".join([b'"a"'] * 9) + b"]}", 413, "exceed the limit of 8"),
     (b'{"texts": ["' + b"x" * 30_000 + b'"]}', 413, "more than 20,000"),
     (b"{not json", 400, "not valid JSON"),
@@ -162,7 +246,42 @@ def test_serve_answers_batches_like_the_model(server, promoted):
 def test_serve_rejects_bad_requests_with_4xx(server, body, status, fragment):
     code, resp = _post(server + "/predict", body)
     assert code == status, resp
-    assert fragment in resp["error"], resp
+    assert fragment in resp["error"] and "\n" not in resp["error"], resp
+
+
+def test_a_killed_replica_is_replaced_and_only_its_requests_in_flight_fail(server):
+    """SIGKILL one of two replicas under load from 6 clients: Serve starts a new one; at most the
+    requests in flight on the dead replica (one per client) fail, and requests succeed after."""
+    import signal
+    import threading
+
+    victim = next(iter(_replicas(server, 2)))
+    stop, codes, lock = threading.Event(), [], threading.Lock()
+
+    def client():
+        while not stop.is_set():
+            try:
+                code, _ = _post(server + "/predict", json.dumps({"texts": TEXTS[:2]}).encode(), timeout=30)
+            except Exception:  # noqa: BLE001 - a dropped connection counts as a failure
+                code = 599
+            with lock:
+                codes.append(code)
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    os.kill(victim, signal.SIGKILL)
+    live = _replicas(server, 2, timeout=180)  # the dead one cannot answer: two live ones = replaced
+    assert victim not in live
+    time.sleep(2)
+    stop.set()
+    for t in threads:
+        t.join(timeout=60)
+    failed = [c for c in codes if c != 200]
+    assert len(codes) > 20, codes
+    assert len(failed) <= len(threads), f"{len(failed)} of {len(codes)} requests failed: {sorted(set(failed))}"
+    assert all(c == 200 for c in codes[-6:]), codes[-12:]
 
 
 def test_serve_refuses_non_loopback_without_insecure(cli, tmp_path):

@@ -281,10 +281,10 @@ def compile_layers(model) -> int:
     return len(layers)
 
 
-def load_adapter(model, adapter_dir: Path, trainable: bool = False):
+def load_adapter(model, adapter_dir: Path, trainable: bool = False, adapter_name: str = "default"):
     """Attach a saved adapter (safetensors only) to a freshly loaded base."""
     from peft import PeftModel
 
     if not (adapter_dir / "adapter_config.json").is_file() or not (adapter_dir / "adapter_model.safetensors").is_file():
         raise InputError(f"{adapter_dir}: not an adapter folder (needs adapter_config.json and adapter_model.safetensors)")
-    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable, adapter_name=adapter_name)

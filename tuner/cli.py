@@ -41,14 +41,28 @@ def predict(
     text_column: Annotated[str, typer.Option(help="Text column of --input.")] = "text",
     generate: Annotated[bool, typer.Option("--generate", help="Also show the free-text completion (generation approach).")] = False,
     batch_size: Annotated[Optional[int], typer.Option(help="Prediction batch size.")] = None,
+    address: Annotated[Optional[str], typer.Option("--address", help="Predict --input on this Ray cluster (auto, HOST:PORT) with Ray Data.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="With --address: classifier actors (default: one per GPU).")] = None,
+    gpus_per_worker: Annotated[float, typer.Option(help="With --address: GPUs per actor (default: 0.5 where the cluster has GPUs: two per card).")] = 0.0,
 ):
-    """Classify texts with a trained or registered model."""
+    """Classify texts with a trained or registered model (on a Ray cluster with --address)."""
     from tuner.predict_cmd import run_predict
 
     if bool(text) == bool(input):
         raise InputError("predict: give either --text (one or more) or --input FILE")
     if output and not input:
         raise InputError("predict: --output needs --input")
+    if address and not output:
+        raise InputError("predict: --address needs --input and --output")
+    if address and generate:
+        raise InputError("predict: --generate does not run on a cluster; drop --address")
+    if address:
+        from tuner.batch_predict import predict_on_cluster
+        from tuner.refs import local_model_folder
+
+        predict_on_cluster(local_model_folder(model), input, output, text_column, address, batch_size, workers,
+                           gpus_per_worker)
+        return
     run_predict(model, text or [], input, output, text_column, generate, batch_size)
 
 
@@ -129,18 +143,36 @@ def promote(
 
 @app.command()
 def serve(
-    model: Annotated[str, typer.Argument(help="Output folder, runs:/RUN/model or models:/NAME@ALIAS.")],
-    port: Annotated[int, typer.Option(help="Port.")] = 8080,
+    models: Annotated[list[str], typer.Argument(help="Models: output folders, runs:/RUN/model or models:/NAME@ALIAS; NAME=REF names one (requests pick it with \"model\").")],
+    port: Annotated[int, typer.Option(help="Port of the Serve HTTP proxy.")] = 8080,
     host: Annotated[str, typer.Option(help="Interface; anything but loopback needs --insecure.")] = "127.0.0.1",
     insecure: Annotated[bool, typer.Option(help="Allow serving beyond loopback without authentication.")] = False,
+    address: Address = None,
+    replicas: Annotated[int, typer.Option(help="Replicas (each holds every model).")] = 1,
+    min_replicas: Annotated[Optional[int], typer.Option(help="Autoscale from this many replicas (with --max-replicas).")] = None,
+    max_replicas: Annotated[Optional[int], typer.Option(help="Autoscale up to this many replicas.")] = None,
+    gpus_per_replica: Annotated[float, typer.Option(help="GPUs per replica, whole or a fraction (0.25: four per card).")] = 0.0,
+    cpus_per_replica: Annotated[float, typer.Option(help="CPUs per replica.")] = 1.0,
+    max_batch_size: Annotated[int, typer.Option(help="Most texts per forward pass, from any number of requests.")] = 64,
+    batch_wait_ms: Annotated[float, typer.Option(help="How long a batch waits for more texts.")] = 5.0,
     max_texts: Annotated[int, typer.Option(help="Most texts per request.")] = 256,
     max_text_chars: Annotated[int, typer.Option(help="Longest text accepted.")] = 20_000,
 ):
-    """Serve a classifier over HTTP: POST /predict {"texts": [...]}."""
-    from tuner.serve import Limits
-    from tuner.serve import serve as do_serve
+    """Serve classifiers on Ray Serve with request batching: POST /predict {"texts": [...]}."""
+    from tuner.serve import Batching, Limits, Scaling, serve_models
 
-    do_serve(model, host, port, insecure, Limits(max_texts=max_texts, max_text_chars=max_text_chars))
+    if (min_replicas is not None) and not max_replicas:
+        raise InputError("serve: --min-replicas needs --max-replicas")
+    if max_replicas is not None and max_replicas < (min_replicas or 1):
+        raise InputError(f"serve: --max-replicas {max_replicas} is below --min-replicas {min_replicas or 1}")
+    for opt, v in (("--replicas", replicas), ("--max-batch-size", max_batch_size), ("--max-texts", max_texts)):
+        if v < 1:
+            raise InputError(f"serve: {opt} must be at least 1")
+    if gpus_per_replica < 0 or cpus_per_replica < 0 or batch_wait_ms < 0:
+        raise InputError("serve: --gpus-per-replica, --cpus-per-replica and --batch-wait-ms must not be negative")
+    serve_models(models, host, port, insecure, address,
+                 Scaling(replicas, min_replicas, max_replicas, gpus_per_replica, cpus_per_replica),
+                 Batching(max_batch_size, batch_wait_ms), Limits(max_texts=max_texts, max_text_chars=max_text_chars))
 
 
 @app.command()

@@ -19,8 +19,8 @@ def connect(address: str | None, runtime_env: dict | None = None) -> None:
     compat.tolerate_deleted_checkpoints()
     if ray.is_initialized():
         return
-    env_vars = {k: os.environ[k] for k in ("QLORA_TUNE_HOME", "QLORA_TUNE_SMOLLM2_GGUF", "HF_HUB_OFFLINE")
-                if k in os.environ}
+    env_vars = {k: os.environ[k] for k in ("QLORA_TUNE_HOME", "QLORA_TUNE_SMOLLM2_GGUF", "HF_HUB_OFFLINE",
+                                           "MLFLOW_TRACKING_URI") if k in os.environ}
     # trials keep training while MLflow is away: fail fast per request, TrialRun keeps and resends
     env_vars.update({k: os.environ.get(k, v) for k, v in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"),
                                                            ("MLFLOW_HTTP_REQUEST_TIMEOUT", "15"))})

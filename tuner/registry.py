@@ -41,7 +41,8 @@ def log_classifier(folder: Path, name: str = "model"):
     )
 
 
-def _tracking_uri() -> str:
+def tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI``, else the embedded server if it runs."""
     import os
 
     from tuner import tracking
@@ -56,7 +57,7 @@ def download_model_folder(ref: str) -> Path:
     """``runs:/RUN_ID/PATH`` or ``models:/NAME@ALIAS`` (or ``/VERSION``) -> local output folder."""
     import mlflow
 
-    mlflow.set_tracking_uri(_tracking_uri())
+    mlflow.set_tracking_uri(tracking_uri())
     dest = Path(tempfile.mkdtemp(prefix="qlora-tune-model-"))
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(dest)))

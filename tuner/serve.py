@@ -1,25 +1,41 @@
-"""``qlora-tune serve``: a small REST endpoint for a trained or registered classifier.
+"""``qlora-tune serve``: classifiers behind Ray Serve, with dynamic request batching.
 
-``POST /predict`` with ``{"texts": [...]}`` (or MLflow's ``{"dataframe_records": [{"text": ...}]}`` /
-``{"inputs": [...]}`` on ``/invocations``) returns ``{"predictions": [{"label", "probabilities"}]}``.
-Oversized bodies get 413, wrong schemas 422, each with a one-line ``{"error": ...}``.
-Bound to 127.0.0.1; any other host needs ``--insecure``.
+Every replica holds one or several model versions (``models:/NAME@champion models:/NAME@challenger``);
+versions trained on the same base share one loaded, quantized base with an adapter each
+(:class:`trainables.predict.ClassifierSet`). Texts from concurrent requests are coalesced into one
+forward pass per batch (:class:`Batcher`: up to ``max_batch_size`` texts, taken when the model is free,
+waiting at most ``batch_wait_ms`` for more); a batch may mix versions.
+
+HTTP, on the Serve proxy:
+
+* ``POST /predict`` with ``{"texts": [...], "model": "challenger"}`` (``model`` optional: the first
+  version), or MLflow's ``dataframe_records`` / ``dataframe_split`` / ``inputs`` on ``/invocations``,
+  answers ``{"predictions": [{"model", "label", "p_<label>": ...}], "labels": [...]}``: the same
+  records as ``qlora-tune predict`` and the registered pyfunc model.
+* ``GET /health`` (versions, labels), ``GET /stats`` (this replica's batches).
+* Oversized bodies get 413, wrong schemas 422, unknown models 404, each with a one-line ``{"error"}``.
+
+Bound to 127.0.0.1; another host needs ``--insecure``. ``build_app`` is the import path for a Ray
+Serve config file (KubeRay's RayService: ``cluster/kuberay/rayservice.yaml``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import threading
-from dataclasses import dataclass
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
 
-from fastapi import (
-    Request,  # module level: FastAPI resolves the (string) annotation below
-)
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import JSONResponse
 
 from trainables.errors import InputError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+APP_NAME = "qlora-tune"
 
 
 @dataclass
@@ -29,14 +45,48 @@ class Limits:
     max_body_bytes: int = 2_000_000
 
 
+@dataclass
+class Batching:
+    max_batch_size: int = 64
+    """Texts per forward pass at most (from any number of requests)."""
+    batch_wait_ms: float = 5.0
+    """How long a batch waits for more texts once it has one."""
+
+
+@dataclass
+class Scaling:
+    replicas: int = 1
+    min_replicas: int | None = None
+    """With ``max_replicas``: autoscale between these by queued requests instead of a fixed count."""
+    max_replicas: int | None = None
+    gpus_per_replica: float = 0.0
+    """Whole or fractional GPUs per replica (several replicas may share a card)."""
+    cpus_per_replica: float = 1.0
+
+    def options(self, batching: Batching, env: dict[str, str] | None = None) -> dict:
+        actor = {"num_cpus": self.cpus_per_replica, "num_gpus": self.gpus_per_replica}
+        if env:
+            actor["runtime_env"] = {"env_vars": env}
+        opts: dict = {"ray_actor_options": actor,
+                      # room for a full batch in flight and the next one queued
+                      "max_ongoing_requests": max(2 * batching.max_batch_size, 16)}
+        if self.max_replicas:
+            opts["autoscaling_config"] = {"min_replicas": self.min_replicas or 1, "max_replicas": self.max_replicas,
+                                          "target_ongoing_requests": batching.max_batch_size}
+        else:
+            opts["num_replicas"] = self.replicas
+        return opts
+
+
 class BadRequest(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
 
 
-def parse_texts(body: bytes, limits: Limits) -> list[str]:
-    """Validate a request body into a list of texts, or raise BadRequest (4xx)."""
+def parse_request(body: bytes, limits: Limits) -> tuple[list[str], str | None]:
+    """Validate a request body into its texts and the requested model (None: the default), or raise
+    BadRequest (4xx)."""
     if len(body) > limits.max_body_bytes:
         raise BadRequest(413, f"request body of {len(body):,} bytes exceeds {limits.max_body_bytes:,}")
     try:
@@ -61,6 +111,9 @@ def parse_texts(body: bytes, limits: Limits) -> list[str]:
         texts = obj["inputs"]
     else:
         raise BadRequest(422, 'expected {"texts": ["...", ...]} (or MLflow\'s dataframe_records / dataframe_split / inputs)')
+    model = obj.get("model")
+    if model is not None and not isinstance(model, str):
+        raise BadRequest(422, "'model' must be the name of a served model")
     if not isinstance(texts, list):
         raise BadRequest(422, "'texts' must be a list of strings")
     if not texts:
@@ -74,69 +127,215 @@ def parse_texts(body: bytes, limits: Limits) -> list[str]:
             raise BadRequest(422, f"texts[{i}] is empty")
         if len(t) > limits.max_text_chars:
             raise BadRequest(413, f"texts[{i}] has {len(t):,} characters, more than {limits.max_text_chars:,}")
-    return texts
+    return texts, model
 
 
-def make_app(clf, limits: Limits | None = None):
-    from fastapi import FastAPI
-    from fastapi.responses import JSONResponse
+async def _read_body(request: Request, limits: Limits) -> bytes:
+    """The body, read as a stream: past ``max_body_bytes`` the rest is drained (up to 4x, so the
+    client reads a clean 413 instead of a broken pipe) and not kept."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= limits.max_body_bytes:
+            chunks.append(chunk)
+        elif size > 4 * limits.max_body_bytes:
+            break
+    if size > limits.max_body_bytes:
+        raise BadRequest(413, f"request body of {size:,}+ bytes exceeds {limits.max_body_bytes:,}"
+                         if size > 4 * limits.max_body_bytes else
+                         f"request body of {size:,} bytes exceeds {limits.max_body_bytes:,}")
+    return b"".join(chunks)
 
-    limits = limits or Limits()
-    app = FastAPI(title="qlora-tune classifier", docs_url=None, redoc_url=None, openapi_url=None)
-    lock = threading.Lock()  # one forward pass at a time; requests queue in the thread pool
 
-    def run(texts: list[str]) -> list[dict]:
-        with lock:
-            pred = clf.predict(texts)
-        return [{"label": lab, "probabilities": {n: float(p) for n, p in zip(pred.label_names, row)}}
-                for lab, row in zip(pred.labels, pred.probabilities)]
+@dataclass
+class _Stats:
+    requests: int = 0
+    texts: int = 0
+    batches: int = 0
+    largest_batch: int = 0
+    batch_sizes: dict[int, int] = field(default_factory=dict)
+    model_seconds: float = 0.0
+    """Time spent in forward passes (the rest of a request's latency is queueing and HTTP)."""
 
-    async def read_body(request: Request) -> bytes:
-        """The body, read as a stream: past ``max_body_bytes`` the rest is drained (up to 4x, so the
-        client reads a clean 413 instead of a broken pipe) and not kept."""
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size <= limits.max_body_bytes:
-                chunks.append(chunk)
-            elif size > 4 * limits.max_body_bytes:
-                break
-        if size > limits.max_body_bytes:
-            raise BadRequest(413, f"request body of {size:,}+ bytes exceeds {limits.max_body_bytes:,}"
-                             if size > 4 * limits.max_body_bytes else
-                             f"request body of {size:,} bytes exceeds {limits.max_body_bytes:,}")
-        return b"".join(chunks)
 
-    async def handle(request: Request):
+class Batcher:
+    """Dynamic batching for one model instance: texts from concurrent requests queue up while the
+    model is busy, and each forward pass takes everything queued (up to ``max_batch_size``), waiting
+    at most ``batch_wait_ms`` for more only when the queue is empty.
+
+    Ray Serve's ``@serve.batch`` seals each batch as soon as it forms and queues it behind the running
+    one, so under load its batches stayed at about one request each (mean 5.5 texts on the CPU,
+    BENCHMARKS.md): a batch must form when the model is free, not before."""
+
+    def __init__(self, run: Callable[[list], list], max_batch_size: int, batch_wait_ms: float, stats: "_Stats"):
+        self.run, self.max, self.wait_s, self.stats = run, max_batch_size, batch_wait_ms / 1000, stats
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.task: asyncio.Task | None = None
+
+    async def submit(self, items: list) -> list:
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(self._loop())
+        futures = []
+        for item in items:
+            f = asyncio.get_running_loop().create_future()
+            self.queue.put_nowait((item, f))
+            futures.append(f)
+        return await asyncio.gather(*futures)
+
+    async def _loop(self) -> None:
+        while True:
+            batch = [await self.queue.get()]
+            deadline = time.monotonic() + self.wait_s
+            while len(batch) < self.max:
+                try:
+                    batch.append(self.queue.get_nowait())
+                    continue
+                except asyncio.QueueEmpty:
+                    pass
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), left))
+                except asyncio.TimeoutError:
+                    break
+            s = self.stats
+            s.batches += 1
+            s.largest_batch = max(s.largest_batch, len(batch))
+            s.batch_sizes[len(batch)] = s.batch_sizes.get(len(batch), 0) + 1
+            t = time.perf_counter()
+            try:  # off the event loop: requests keep arriving (and queueing) meanwhile
+                results = await asyncio.to_thread(self.run, [item for item, _ in batch])
+            except Exception as e:  # noqa: BLE001 - every request of the batch gets the error
+                for _, f in batch:
+                    if not f.done():
+                        f.set_exception(e)
+                continue
+            finally:
+                s.model_seconds += time.perf_counter() - t
+            for (_, f), r in zip(batch, results):
+                if not f.done():
+                    f.set_result(r)
+
+
+class ClassifierServer:
+    """One Serve replica: the model versions in ``refs`` (name -> model reference), over as few bases
+    as they allow, answering HTTP requests through a dynamic batcher."""
+
+    def __init__(self, refs: dict[str, str], limits: dict | None = None, batching: dict | None = None):
+        from trainables.predict import ClassifierSet
+        from tuner.refs import local_model_folder
+
+        self.limits = Limits(**(limits or {}))
+        b = Batching(**(batching or {}))
+        self.default = next(iter(refs))
+        self.models = ClassifierSet({name: local_model_folder(ref) for name, ref in refs.items()},
+                                    batch_size=b.max_batch_size)
+        self.stats = _Stats()
+        self.batcher = Batcher(self.models.predict_items, b.max_batch_size, b.batch_wait_ms, self.stats)
+        self.started = time.time()
+
+    async def predict(self, texts: list[str], model: str | None = None) -> dict:
+        model = model or self.default
+        if model not in self.models:
+            raise BadRequest(404, f"model '{model}': not served here (serving: {', '.join(self.models.versions)})")
+        self.stats.requests += 1
+        self.stats.texts += len(texts)
+        preds = await self.batcher.submit([(model, t) for t in texts])
+        return {"predictions": preds, "labels": self.models.versions[model].label_names}
+
+    async def __call__(self, request: Request):
+        path = request.url.path.rstrip("/")
         try:
-            texts = parse_texts(await read_body(request), limits)
+            if request.method == "GET" and path == "/health":
+                return JSONResponse({"status": "ok", "default": self.default, "models": {
+                    n: {"approach": v.cfg.approach, "labels": v.label_names} for n, v in self.models.versions.items()}})
+            if request.method == "GET" and path == "/stats":
+                return JSONResponse({"pid": os.getpid(), "device": str(self.models.dev), "bases": len(self.models.models),
+                                     "uptime_s": time.time() - self.started, **asdict(self.stats)})
+            if request.method == "POST" and path in ("/predict", "/invocations"):
+                texts, model = parse_request(await _read_body(request, self.limits), self.limits)
+                return JSONResponse(await self.predict(texts, model))
+            return JSONResponse({"error": f"no route {request.method} {request.url.path} "
+                                          f"(POST /predict or /invocations, GET /health or /stats)"}, 404)
         except BadRequest as e:
             return JSONResponse({"error": str(e)}, e.status)
-        preds = await asyncio.get_running_loop().run_in_executor(None, run, texts)
-        return {"predictions": preds, "labels": clf.label_names}
-
-    app.post("/predict")(handle)
-    app.post("/invocations")(handle)
-
-    @app.get("/health")
-    def health():
-        return {"status": "ok", "labels": clf.label_names, "approach": clf.cfg.approach}
-
-    return app
 
 
-def serve(ref: str, host: str, port: int, insecure: bool, limits: Limits) -> None:
-    import uvicorn
+def model_names(refs: list[str]) -> dict[str, str]:
+    """Name each model reference: ``NAME=REF`` names it; ``models:/M@alias`` is ``alias``,
+    ``models:/M/3`` is ``v3``, anything else its last path part. Names must differ."""
+    out: dict[str, str] = {}
+    for ref in refs:
+        if "=" in ref.split(":/", 1)[0]:
+            name, ref = ref.split("=", 1)
+        elif ref.startswith("models:/") and "@" in ref:
+            name = ref.rsplit("@", 1)[1]
+        elif ref.startswith("models:/"):
+            name = "v" + ref.rstrip("/").rsplit("/", 1)[1]
+        else:
+            name = ref.rstrip("/").rsplit("/", 1)[-1]
+        if not name or name in out:
+            raise InputError(f"serve: two models named '{name}'; name them with NAME=REF")
+        out[name] = ref
+    return out
 
-    from trainables.predict import Classifier
+
+def application(refs: dict[str, str], scaling: Scaling, batching: Batching, limits: Limits):
+    """The Serve application: one deployment of :class:`ClassifierServer` (replicas download
+    registry references from ``$MLFLOW_TRACKING_URI``, passed on to them)."""
+    env = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE", "QLORA_TUNE_HOME",
+                                      "QLORA_TUNE_SMOLLM2_GGUF") if k in os.environ}
+    deployment = serve.deployment(ClassifierServer, name="classifier", **scaling.options(batching, env))
+    return deployment.bind(refs, asdict(limits), asdict(batching))
+
+
+def build_app(args: dict):
+    """Application builder for Serve config files (``import_path: tuner.serve:build_app``), with
+    ``args``: ``models`` (list of references, as on the command line) and optional ``scaling``,
+    ``batching``, ``limits`` mappings of the fields above."""
+    return application(model_names(list(args["models"])), Scaling(**args.get("scaling", {})),
+                       Batching(**args.get("batching", {})), Limits(**args.get("limits", {})))
+
+
+def serve_models(refs: list[str], host: str, port: int, insecure: bool, address: str | None,
+                 scaling: Scaling, batching: Batching, limits: Limits) -> None:
+    """Deploy on the cluster at ``address`` (default: a local one) and serve until interrupted."""
+    import signal
+
     from tuner.console import console, err_console
-    from tuner.refs import local_model_folder
+    from tuner.ray_cluster import connect
 
     if host not in LOOPBACK and not insecure:
         raise InputError(f"--host {host}: serving beyond this machine exposes the model unauthenticated; "
                          f"put it behind an authenticating proxy, or pass --insecure to accept that")
     if host not in LOOPBACK:
         err_console.print(f"[yellow]warning[/]: serving on {host}:{port} without authentication (--insecure)")
-    clf = Classifier(local_model_folder(ref))
-    console.print(f"serving {ref} ({clf.cfg.approach}, labels {clf.label_names}) on http://{host}:{port}/predict")
-    uvicorn.run(make_app(clf, limits), host=host, port=port, log_level="warning")
+    named = model_names(refs)
+    if any(r.startswith(("runs:/", "models:/")) for r in named.values()):
+        from tuner.registry import tracking_uri
+
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri()  # replicas download from the same server
+    for ref in named.values():  # local folders: fail here, not in a replica
+        if not ref.startswith(("runs:/", "models:/")):
+            from trainables.predict import read_model_folder
+
+            read_model_folder(ref)
+    connect(address)
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # `kill` ends the app as Ctrl-C does
+    serve.start(http_options={"host": host, "port": port})
+    try:
+        serve.run(application(named, scaling, batching, limits), name=APP_NAME, route_prefix="/")
+        console.print(f"serving {', '.join(f'{n} ({r})' for n, r in named.items())} on http://{host}:{port}/predict "
+                      f"({scaling.max_replicas and f'{scaling.min_replicas or 1}-{scaling.max_replicas}' or scaling.replicas} "
+                      f"replica(s); batches of up to {batching.max_batch_size} texts)", soft_wrap=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.delete(APP_NAME)
