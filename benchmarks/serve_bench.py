@@ -128,6 +128,8 @@ def main() -> None:
     ap.add_argument("--batch-wait-ms", type=float, default=2.0)
     ap.add_argument("--procs", type=int, default=None, help="load-generator processes")
     ap.add_argument("--train-rows", type=int, default=1000)
+    ap.add_argument("--data-workers", type=int, default=None, help="Ray Data actors (default: predict's)")
+    ap.add_argument("--data-gpus", type=float, default=0.5, help="GPUs per Ray Data actor")
     ap.add_argument("--big", type=int, default=100_000, help="texts for the Ray Data comparison")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
@@ -212,7 +214,8 @@ def main() -> None:
         t = time.perf_counter()
         import torch
 
-        rows = predict_on_cluster(folder, inp, out, "text", "auto", 256, None, 0.5 if torch.cuda.is_available() else 0.0)
+        rows = predict_on_cluster(folder, inp, out, "text", "auto", 256, a.data_workers,
+                                  a.data_gpus if torch.cuda.is_available() else 0.0)
         cluster = time.perf_counter() - t
         res["ray_data"] = {"texts": rows, "in_process_s": round(inproc, 2), "ray_data_s": round(cluster, 2),
                            "ratio": round(inproc / cluster, 3),
