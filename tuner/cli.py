@@ -157,6 +157,7 @@ def serve(
     batch_wait_ms: Annotated[float, typer.Option(help="How long a batch waits for more texts.")] = 5.0,
     max_texts: Annotated[int, typer.Option(help="Most texts per request.")] = 256,
     max_text_chars: Annotated[int, typer.Option(help="Longest text accepted.")] = 20_000,
+    merge: Annotated[bool, typer.Option("--merge/--no-merge", help="Fold each adapter into a dequantized base (fast), or keep the base 4-bit (less memory).")] = True,
 ):
     """Serve classifiers on Ray Serve with request batching: POST /predict {"texts": [...]}."""
     from tuner.serve import Batching, Limits, Scaling, serve_models
@@ -172,7 +173,8 @@ def serve(
         raise InputError("serve: --gpus-per-replica, --cpus-per-replica and --batch-wait-ms must not be negative")
     serve_models(models, host, port, insecure, address,
                  Scaling(replicas, min_replicas, max_replicas, gpus_per_replica, cpus_per_replica),
-                 Batching(max_batch_size, batch_wait_ms), Limits(max_texts=max_texts, max_text_chars=max_text_chars))
+                 Batching(max_batch_size, batch_wait_ms), Limits(max_texts=max_texts, max_text_chars=max_text_chars),
+                 merge)
 
 
 @app.command()

@@ -222,7 +222,8 @@ class ClassifierServer:
     """One Serve replica: the model versions in ``refs`` (name -> model reference), over as few bases
     as they allow, answering HTTP requests through a dynamic batcher."""
 
-    def __init__(self, refs: dict[str, str], limits: dict | None = None, batching: dict | None = None):
+    def __init__(self, refs: dict[str, str], limits: dict | None = None, batching: dict | None = None,
+                 merge: bool = True):
         from trainables.predict import ClassifierSet
         from tuner.refs import local_model_folder
 
@@ -230,7 +231,7 @@ class ClassifierServer:
         b = Batching(**(batching or {}))
         self.default = next(iter(refs))
         self.models = ClassifierSet({name: local_model_folder(ref) for name, ref in refs.items()},
-                                    batch_size=b.max_batch_size)
+                                    batch_size=b.max_batch_size, merge=merge)
         self.stats = _Stats()
         self.batcher = Batcher(self.models.predict_items, b.max_batch_size, b.batch_wait_ms, self.stats)
         self.started = time.time()
@@ -281,25 +282,26 @@ def model_names(refs: list[str]) -> dict[str, str]:
     return out
 
 
-def application(refs: dict[str, str], scaling: Scaling, batching: Batching, limits: Limits):
+def application(refs: dict[str, str], scaling: Scaling, batching: Batching, limits: Limits, merge: bool = True):
     """The Serve application: one deployment of :class:`ClassifierServer` (replicas download
     registry references from ``$MLFLOW_TRACKING_URI``, passed on to them)."""
     env = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE", "QLORA_TUNE_HOME",
                                       "QLORA_TUNE_SMOLLM2_GGUF") if k in os.environ}
     deployment = serve.deployment(ClassifierServer, name="classifier", **scaling.options(batching, env))
-    return deployment.bind(refs, asdict(limits), asdict(batching))
+    return deployment.bind(refs, asdict(limits), asdict(batching), merge)
 
 
 def build_app(args: dict):
     """Application builder for Serve config files (``import_path: tuner.serve:build_app``), with
     ``args``: ``models`` (list of references, as on the command line) and optional ``scaling``,
-    ``batching``, ``limits`` mappings of the fields above."""
+    ``batching``, ``limits`` mappings of the fields above and ``merge`` (default true)."""
     return application(model_names(list(args["models"])), Scaling(**args.get("scaling", {})),
-                       Batching(**args.get("batching", {})), Limits(**args.get("limits", {})))
+                       Batching(**args.get("batching", {})), Limits(**args.get("limits", {})),
+                       bool(args.get("merge", True)))
 
 
 def serve_models(refs: list[str], host: str, port: int, insecure: bool, address: str | None,
-                 scaling: Scaling, batching: Batching, limits: Limits) -> None:
+                 scaling: Scaling, batching: Batching, limits: Limits, merge: bool = True) -> None:
     """Deploy on the cluster at ``address`` (default: a local one) and serve until interrupted."""
     import signal
 
@@ -329,7 +331,7 @@ def serve_models(refs: list[str], host: str, port: int, insecure: bool, address:
     signal.signal(signal.SIGTERM, stop)  # `kill` ends the app as Ctrl-C does
     serve.start(http_options={"host": host, "port": port})
     try:
-        serve.run(application(named, scaling, batching, limits), name=APP_NAME, route_prefix="/")
+        serve.run(application(named, scaling, batching, limits, merge), name=APP_NAME, route_prefix="/")
         console.print(f"serving {', '.join(f'{n} ({r})' for n, r in named.items())} on http://{host}:{port}/predict "
                       f"({scaling.max_replicas and f'{scaling.min_replicas or 1}-{scaling.max_replicas}' or scaling.replicas} "
                       f"replica(s); batches of up to {batching.max_batch_size} texts)", soft_wrap=True)
