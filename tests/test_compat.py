@@ -85,7 +85,19 @@ def test_optuna_search_trials_can_be_told_pruned():
     assert [t.state for t in search._ot_study.trials] == [TrialState.PRUNED]
 
 
+def test_ray_token_auth_helper_exists_and_respects_an_explicit_mode(monkeypatch):
+    from ray._private.authentication.authentication_token_setup import (  # noqa: F401 - must exist
+        maybe_enable_token_auth_if_token_available,
+    )
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    assert compat.enable_ray_token_auth_if_available() is True
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert compat.enable_ray_token_auth_if_available() is False
+
+
 @pytest.mark.parametrize("name", ["keep_4bit_out_of_cpu_packing", "tolerate_deleted_checkpoints",
+                                  "enable_ray_token_auth_if_available",
                                   "tune_was_interrupted", "loopback_node_kwargs", "tell_optuna_pruned"])
 def test_every_compat_helper_is_tested_here(name):
     assert name in inspect.getsource(inspect.getmodule(test_every_compat_helper_is_tested_here)).split(

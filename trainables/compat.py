@@ -85,6 +85,26 @@ def tune_was_interrupted(handler_after_fit) -> bool:
     return getattr(handler_after_fit, "__name__", "") != _TUNE_SIGINT_HANDLER
 
 
+# ------------------------------------------------------------------ Ray: token authentication
+#
+# ``ray.init`` turns token authentication on by itself only for a local cluster it finds, never for an
+# explicit address. Setting the documented ``RAY_AUTH_MODE=token`` from inside the process is not
+# enough either: Ray has cached its configuration by then (measured: "Failed to connect"). Ray's own
+# helper sets the mode and refreshes that cache, as `ray start` does.
+
+
+def enable_ray_token_auth_if_available() -> bool:
+    """Use this machine's Ray token (``$RAY_AUTH_TOKEN``, ``~/.ray/auth_token``) to join a cluster;
+    True if token authentication is on. An explicit ``RAY_AUTH_MODE`` is respected."""
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # a Ray without token authentication
+        return False
+    return bool(maybe_enable_token_auth_if_token_available(warn_if_disabled=False))
+
+
 # ------------------------------------------------------------------ Ray: joining a loopback cluster
 
 

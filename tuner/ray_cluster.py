@@ -24,10 +24,8 @@ def connect(address: str | None, runtime_env: dict | None = None) -> None:
     # trials keep training while MLflow is away: fail fast per request, TrialRun keeps and resends
     env_vars.update({k: os.environ.get(k, v) for k, v in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"),
                                                            ("MLFLOW_HTTP_REQUEST_TIMEOUT", "15"))})
-    if address and "RAY_AUTH_MODE" not in os.environ and _auth_token_available():
-        # joining a cluster with token authentication: use the token here, as `ray start` does
-        # (ray.init enables it by itself only for a local cluster it finds)
-        os.environ["RAY_AUTH_MODE"] = "token"
+    if address:  # joining a cluster with token authentication: use the token here, as `ray start` does
+        compat.enable_ray_token_auth_if_available()
     host = (address or "").removeprefix("ray://").split(":")[0]
     kw = compat.loopback_node_kwargs() if host in ("127.0.0.1", "localhost") else {}
     try:
@@ -35,16 +33,6 @@ def connect(address: str | None, runtime_env: dict | None = None) -> None:
                  runtime_env={"env_vars": env_vars, **(runtime_env or {})}, configure_logging=True, **kw)
     except ConnectionError as e:
         raise InputError(f"--address {address}: cannot connect to a Ray cluster ({str(e).splitlines()[0]})") from None
-
-
-def _auth_token_available() -> bool:
-    """A Ray authentication token in ``$RAY_AUTH_TOKEN``, ``$RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``."""
-    from pathlib import Path
-
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return True
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token"
-    return Path(path).is_file()
 
 
 def check_resources(study: StudyConfig, source: str, cluster: dict[str, float]) -> dict[str, float]:
