@@ -45,6 +45,19 @@ class Predictor:
         return pd.concat([batch.reset_index(drop=True), recs], axis=1)
 
 
+def _reason(e: BaseException) -> str:
+    """The user-facing message inside Ray Data's wrapped error (our ValueError), else its first line."""
+    import re
+
+    chain, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(str(e))
+        e = getattr(e, "cause", None) or e.__cause__
+    found = re.search(r"column '[^'{}]*' has an empty or non-text value: [^\n]{0,200}", "\n".join(chain))
+    return found.group(0) if found else chain[0].strip().splitlines()[0][:300]
+
+
 def _read(path: Path):
     import ray.data
 
@@ -93,7 +106,6 @@ def predict_on_cluster(folder: Path, input: Path, output: Path, column: str, add
                 write(batch)
                 rows += len(batch)
     except ray.exceptions.RayTaskError as e:
-        cause = e.cause if isinstance(getattr(e, "cause", None), Exception) else e
-        raise InputError(f"{input}: {str(cause).splitlines()[-1][:300]}") from None
+        raise InputError(f"{input}: {_reason(e)}") from None
     console.print(f"wrote {rows} predictions to {output} ({workers} worker(s), {gpus_per_worker:g} GPU each)")
     return rows
