@@ -102,9 +102,9 @@ def predict_on_cluster(folder: Path, input: Path, output: Path, column: str, add
     rows = 0
     try:
         with atomic_table_writer(output) as write:
-            for batch in labelled.iter_batches(batch_size=None, batch_format="pandas"):
-                write(batch)
-                rows += len(batch)
+            for batch in labelled.iter_batches(batch_size=None, batch_format="pyarrow"):
+                write(batch.replace_schema_metadata(None).to_pandas())  # plain NumPy dtypes
+                rows += batch.num_rows
     except ray.exceptions.RayTaskError as e:
         raise InputError(f"{input}: {_reason(e)}") from None
     console.print(f"wrote {rows} predictions to {output} ({workers} worker(s), {gpus_per_worker:g} GPU each)")
