@@ -107,7 +107,7 @@ class _Version:
 
 class ClassifierSet:
     """Several trained classifiers (versions) in one process. Versions trained on the same base
-    (model, approach, quantization, number of labels) share one loaded, quantized base, with each
+    (model, approach, quantization, number of labels) share one loaded base (dequantized with ``merge``, else 4-bit), with each
     version's adapter attached under its name: serving a champion and a challenger costs one base.
 
     :meth:`predict_items` scores a batch that mixes versions (rows grouped by version, each group run

@@ -1,7 +1,7 @@
 """``qlora-tune serve``: classifiers behind Ray Serve, with dynamic request batching.
 
 Every replica holds one or several model versions (``models:/NAME@champion models:/NAME@challenger``);
-versions trained on the same base share one loaded, quantized base with an adapter each
+versions trained on the same base share one loaded base with an adapter each
 (:class:`trainables.predict.ClassifierSet`). Texts from concurrent requests are coalesced into one
 forward pass per batch (:class:`Batcher`: up to ``max_batch_size`` texts, taken when the model is free,
 waiting at most ``batch_wait_ms`` for more); a batch may mix versions.
