@@ -348,6 +348,13 @@ def test_reused_actors_run_trial_after_trial_in_one_worker(tmp_path, yaml_file, 
     cfg["search"] = {"approach": {"choice": ["head"]}, "training.learning_rate": {"loguniform": [1e-3, 1e-2]}}
     p = run_cli("run", yaml_file(cfg, "study.yaml"), "--name", "reused", "--address", ray_cluster, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    # stdout is not a terminal here: one line per trial state change, no live table, a link to the
+    # model-training view of the study's runs
+    lines = p.stdout.splitlines()
+    assert sum(l.startswith("trial ") and l.endswith(" started") for l in lines) == 3, p.stdout[-3000:]
+    assert sum(l.startswith("trial ") and " completed: epoch 1/1, eval_f1_macro " in l for l in lines) == 3
+    assert "trials (eval_f1_macro" not in p.stdout  # the live table's title
+    assert "workflowType=machine_learning" in p.stdout and "reused" in p.stdout
     from tuner.records import StudyRecord
 
     rec = StudyRecord.load("reused")

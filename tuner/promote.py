@@ -51,7 +51,7 @@ def promote(name: str, metric: str | None, model_name: str | None, alias: str, f
             plots = Path(d) / "test-plots"
             write_reports({"test": rep}, plots)
             mlflow.log_artifacts(str(plots), "test")
-            info = log_classifier(folder)
+            info = log_classifier(folder, clf=clf)
         mv = mlflow.register_model(info.model_uri, model_name, tags={
             "study": name, "trial_id": str(best["trial_id"]), "trial_run_id": best["run_id"],
             "promotion_run_id": run.info.run_id, "data_fingerprint": rec.data_fingerprint,

@@ -24,8 +24,10 @@ def pip_requirements() -> list[str]:
     return reqs
 
 
-def log_classifier(folder: Path, name: str = "model"):
-    """Log ``folder`` (output-folder layout) as a pyfunc model in the active run; returns ModelInfo."""
+def log_classifier(folder: Path, name: str = "model", clf=None):
+    """Log ``folder`` (output-folder layout) as a pyfunc model in the active run; returns ModelInfo.
+    ``clf``: the folder's loaded :class:`Classifier`, if the caller has one (saves loading it again
+    for the signature's output example)."""
     import mlflow
     import pandas as pd
 
@@ -33,7 +35,7 @@ def log_classifier(folder: Path, name: str = "model"):
     from trainables.predict import Classifier
 
     example = pd.DataFrame({"text": ["I love it.", "This is terrible."]})
-    out = pd.DataFrame(Classifier(folder).predict(example["text"].tolist()).records())
+    out = pd.DataFrame((clf or Classifier(folder)).predict(example["text"].tolist()).records())
     signature = mlflow.models.infer_signature(example, out)
     return mlflow.pyfunc.log_model(
         name=name, python_model=pyfunc_model.__file__, artifacts={MODEL_DIR_ARTIFACT: str(folder)},
