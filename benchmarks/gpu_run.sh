@@ -2,6 +2,7 @@
 # One benchmark part on the GPU machine (see BENCHMARKS.md for the whole recipe):
 #   bash benchmarks/gpu_run.sh speed
 #   CUDA_VISIBLE_DEVICES=0 bash benchmarks/gpu_run.sh study packed1 benchmarks/multigpu.yaml
+#   bash benchmarks/gpu_run.sh serve_bench.py --gpu --replicas 1 2     # another script of benchmarks/
 # Expects .devbundle/ (../shared/gpu/make-bundle), .devdata/ (the twitter-financial-news CSVs) and the
 # SmolLM2 GGUF at $GGUF (default /root/stash/SmolLM2-135M-Instruct.Q4_1.gguf). Parts may run at once
 # on different GPUs: give each its own BENCH_RESULTS file.
@@ -23,4 +24,5 @@ export MLFLOW_ALLOW_FILE_STORE=true TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARA
 export BENCH_RESULTS=${BENCH_RESULTS:-${OUT:-$PWD/benchmarks}/results.json}
 nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader
 echo "== $*"
-timeout "${PART_TIMEOUT:-560}" python benchmarks/bench.py "$@" 2>&1 | grep -v -E "Loading weights|Warning|warnings.warn|^\s*$" | tail -80
+case "${1:-}" in *.py) script=benchmarks/$1; shift ;; *) script=benchmarks/bench.py ;; esac
+timeout "${PART_TIMEOUT:-560}" python "$script" "$@" 2>&1 | grep -v -E "Loading weights|Warning|warnings.warn|^\s*$" | tail -80

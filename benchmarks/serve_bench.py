@@ -37,21 +37,6 @@ def _device_name() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
 
 
-def _random_smollm2(dest: Path) -> Path:
-    """A SmolLM2-135M-shaped model (its config and tokenizer, random weights) as a plain HF folder."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from trainables.models import save_plain
-
-    src = ROOT / ".devdata" / "smollm2-tok"
-    cfg = LlamaConfig.from_pretrained(src)
-    torch.manual_seed(0)
-    save_plain(LlamaForCausalLM(cfg).to(torch.bfloat16), dest)
-    AutoTokenizer.from_pretrained(src).save_pretrained(dest)
-    return dest
-
-
 def _train_and_register(work: Path, gpu: bool, rows: int) -> tuple[Path, str]:
     import mlflow
 
@@ -61,7 +46,9 @@ def _train_and_register(work: Path, gpu: bool, rows: int) -> tuple[Path, str]:
     from tuner.registry import log_classifier
 
     if gpu:
-        model = str(_random_smollm2(work / "base"))
+        from random_model import random_smollm2
+
+        model = str(random_smollm2(work / "base"))
         data = {"train": str(ROOT / ".devdata" / "train.csv"), "eval": str(ROOT / ".devdata" / "valid.csv")}
     else:
         model, data = "smollm2-135m", {"train": "builtin:demo/train.csv", "eval": "builtin:demo/eval.csv"}
@@ -109,6 +96,34 @@ def _replica_stats(url: str, replicas: int) -> dict:
     return seen
 
 
+def _batch_ms(clf, texts: list[str], n: int = 50) -> float:
+    """Median milliseconds of one ``predict`` of ``texts`` (one batch)."""
+    import statistics
+
+    clf.predict(texts)
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        clf.predict(texts)
+        times.append(time.perf_counter() - t)
+    return round(statistics.median(times) * 1000, 2)
+
+
+def _labels_match(url: str, clf) -> bool:
+    """The server's labels for 400 data texts and the load test's texts, 4 per request, are batch prediction's."""
+    import urllib.request
+
+    from serve_load import TEXTS
+
+    check, got = _texts(400) + TEXTS, []
+    for s in range(0, len(check), 4):
+        req = urllib.request.Request(url + "/predict", data=json.dumps({"texts": check[s:s + 4]}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            got += [p["label"] for p in json.loads(r.read())["predictions"]]
+    return got == clf.predict(check[:400]).labels + clf.predict(TEXTS).labels
+
+
 def _rate(clf, texts: list[str]) -> float:
     clf.predict(texts[:256])  # warm-up
     t = time.perf_counter()
@@ -122,14 +137,17 @@ def main() -> None:
     mode.add_argument("--gpu", action="store_true")
     mode.add_argument("--cpu", action="store_true")
     ap.add_argument("--seconds", type=float, default=60)
-    ap.add_argument("--replicas", type=int, default=None)
-    ap.add_argument("--gpus-per-replica", type=float, default=0.5)
+    ap.add_argument("--replicas", type=int, nargs="+", default=None,
+                    help="replica counts to load in turn (GPU: each gets 1/N of the card; default 2 on a GPU, 1 on the CPU)")
     ap.add_argument("--max-batch-size", type=int, default=64)
     ap.add_argument("--batch-wait-ms", type=float, default=2.0)
     ap.add_argument("--procs", type=int, default=None, help="load-generator processes")
     ap.add_argument("--train-rows", type=int, default=1000)
     ap.add_argument("--data-workers", type=int, default=None, help="Ray Data actors (default: predict's)")
     ap.add_argument("--data-gpus", type=float, default=0.5, help="GPUs per Ray Data actor")
+    ap.add_argument("--no-ray-data", action="store_true", help="skip the Ray Data comparison")
+    ap.add_argument("--no-compare", action="store_true", help="skip the eager and 4-bit comparisons")
+    ap.add_argument("--no-access-log", action="store_true", help="serve without Serve's access log")
     ap.add_argument("--big", type=int, default=100_000, help="texts for the Ray Data comparison")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
@@ -141,7 +159,7 @@ def main() -> None:
     from trainables.predict import Classifier
     from tuner.ray_cluster import connect
     from tuner.serve import APP_NAME, Batching, Limits, Scaling, application, model_names
-    from serve_load import TEXTS, load
+    from serve_load import load
 
     folder, ref = _train_and_register(work, a.gpu, a.train_rows)
     clf = Classifier(folder, batch_size=a.max_batch_size if a.cpu else 256)
@@ -149,59 +167,59 @@ def main() -> None:
     big = _texts(a.big if a.gpu else 2_000)
     res["batch_texts_per_s"] = round(_rate(clf, big[:20_000] if a.gpu else big[:600]), 1)
     print("in-process batch prediction:", res["batch_texts_per_s"], "texts/s", flush=True)
-    # the merged (dequantized base, adapter folded in) model against the 4-bit base + adapter it came from
-    nf4 = Classifier(folder, merge=False, batch_size=256)
-    sample = big[:4000] if a.gpu else big[:200]
-    a_, b_ = clf.predict(sample), nf4.predict(sample)
     import numpy as np
 
-    res["merged_vs_nf4"] = {"max_abs_prob_diff": float(np.abs(a_.probabilities - b_.probabilities).max()),
-                            "label_agreement": float(np.mean(np.array(a_.labels) == np.array(b_.labels))),
-                            "nf4_texts_per_s": round(_rate(nf4, big[:20_000] if a.gpu else big[:300]), 1)}
-    print("merged vs nf4:", res["merged_vs_nf4"], flush=True)
-    del nf4
+    if a.gpu and not a.no_compare:  # the lever: CUDA graphs against eager passes, same merged weights
+        eager = Classifier(folder, batch_size=256, graphs=False)
+        small = Classifier(folder, batch_size=a.max_batch_size)
+        small.warmup()
+        res["cuda_graphs"] = {"eager_texts_per_s": round(_rate(eager, big[:20_000]), 1),
+                              "graphs_texts_per_s": res["batch_texts_per_s"],
+                              **{f"{k}_ms_per_batch_of_16": _batch_ms(c, big[:16]) for k, c in (("eager", eager), ("graphs", small))}}
+        e, g = eager.predict(big[:4000]), clf.predict(big[:4000])
+        res["cuda_graphs"]["max_abs_prob_diff"] = float(np.abs(e.probabilities - g.probabilities).max())
+        res["cuda_graphs"]["label_agreement"] = float(np.mean(np.array(e.labels) == np.array(g.labels)))
+        print("cuda graphs:", res["cuda_graphs"], flush=True)
+        del eager, small
+    if not a.no_compare:  # the merged (dequantized base, adapter folded in) model against the 4-bit base + adapter
+        nf4 = Classifier(folder, merge=False, batch_size=256)
+        sample = big[:4000] if a.gpu else big[:200]
+        a_, b_ = clf.predict(sample), nf4.predict(sample)
+        res["merged_vs_nf4"] = {"max_abs_prob_diff": float(np.abs(a_.probabilities - b_.probabilities).max()),
+                                "label_agreement": float(np.mean(np.array(a_.labels) == np.array(b_.labels))),
+                                "nf4_texts_per_s": round(_rate(nf4, big[:20_000] if a.gpu else big[:300]), 1)}
+        print("merged vs nf4:", res["merged_vs_nf4"], flush=True)
+        del nf4
 
     from ray import serve
 
     connect(None)
     port = 8765
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    replicas = a.replicas or (2 if a.gpu else 1)
-    scaling = Scaling(replicas=replicas, gpus_per_replica=a.gpus_per_replica if a.gpu else 0.0,
-                      cpus_per_replica=1.0)
-    batching = Batching(a.max_batch_size, a.batch_wait_ms)
-    serve.run(application(model_names([ref]), scaling, batching, Limits()), name=APP_NAME, route_prefix="/")
+    logging_config = {"enable_access_log": not a.no_access_log}
+    res["serve_options"] = {**logging_config, "RAY_SERVE_THROUGHPUT_OPTIMIZED": os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED", "0")}
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=logging_config)
     url = f"http://127.0.0.1:{port}"
-    # the server's labels are batch prediction's
-    import urllib.request
-
-    check = _texts(400)
-    got = []
-    for s in range(0, len(check), 4):
-        req = urllib.request.Request(url + "/predict", data=json.dumps({"texts": check[s:s + 4]}).encode(),
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=120) as r:
-            got += [p["label"] for p in json.loads(r.read())["predictions"]]
-    want = clf.predict(check).labels + clf.predict(TEXTS).labels
-    for s in range(0, len(TEXTS), 4):
-        req = urllib.request.Request(url + "/predict", data=json.dumps({"texts": TEXTS[s:s + 4]}).encode(),
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=120) as r:
-            got += [p["label"] for p in json.loads(r.read())["predictions"]]
-    res["serve_labels_match_batch"] = got == want
-    print("labels identical to batch prediction:", res["serve_labels_match_batch"], flush=True)
-    config = {"replicas": replicas, "gpus_per_replica": scaling.gpus_per_replica,
-              "max_batch_size": a.max_batch_size, "batch_wait_ms": a.batch_wait_ms}
-    for clients in ((20, 200) if a.gpu else (20,)):
-        procs = a.procs or (8 if a.gpu else 2)
-        load(url, clients, 5, 4, procs)  # warm-up
-        r = load(url, clients, a.seconds, 4, procs)
-        print(f"{clients} clients x 4 texts:", json.dumps(r), flush=True)
-        res[f"serve_{clients}_clients"] = {**r, **config, "replicas_stats": _replica_stats(url, replicas)}
-        print("  replicas:", json.dumps(res[f"serve_{clients}_clients"]["replicas_stats"]), flush=True)
-    serve.delete(APP_NAME)
-    if a.gpu:
-        _record(res, a.gpu)  # the serving figures are safe if the Ray Data part fails
+    batching = Batching(a.max_batch_size, a.batch_wait_ms)
+    res["layouts"] = []
+    for replicas in a.replicas or ([2] if a.gpu else [1]):
+        # GPU: the replicas share the card; CPU: the default (a node's cores shared among the replicas)
+        scaling = Scaling(replicas=replicas, gpus_per_replica=1 / replicas if a.gpu else 0.0)
+        serve.run(application(model_names([ref]), scaling, batching, Limits()), name=APP_NAME, route_prefix="/",
+                  logging_config=logging_config)
+        layout: dict = {"replicas": replicas, "gpus_per_replica": scaling.gpus_per_replica,
+                        "cpus_per_replica": scaling.replica_cpus(), "max_batch_size": a.max_batch_size,
+                        "batch_wait_ms": a.batch_wait_ms, "labels_match_batch": _labels_match(url, clf)}
+        print(f"{replicas} replica(s): labels identical to batch prediction:", layout["labels_match_batch"], flush=True)
+        for clients in ((20, 200) if a.gpu else (20,)):
+            procs = a.procs or (8 if a.gpu else 2)
+            load(url, clients, 5, 4, procs)  # warm-up
+            r = load(url, clients, a.seconds, 4, procs)
+            print(f"{replicas} replica(s), {clients} clients x 4 texts:", json.dumps(r), flush=True)
+            layout[f"{clients}_clients"] = {**r, "replicas_stats": _replica_stats(url, replicas)}
+        res["layouts"].append(layout)
+        serve.delete(APP_NAME)
+        _record(res, a.gpu)  # each layout's figures are safe if a later part fails
+    if a.gpu and not a.no_ray_data:
         import pandas as pd
 
         from tuner.batch_predict import predict_on_cluster
@@ -217,8 +235,15 @@ def main() -> None:
         rows = predict_on_cluster(folder, inp, out, "text", "auto", 256, a.data_workers,
                                   a.data_gpus if torch.cuda.is_available() else 0.0)
         cluster = time.perf_counter() - t
+        # end to end, as a user runs it: `qlora-tune predict` in this process (load, predict, write)
+        from tuner.predict_cmd import run_predict
+
+        t = time.perf_counter()
+        run_predict(str(folder), [], inp, work / "inproc.parquet", "text", False, 256)
+        e2e = time.perf_counter() - t
         res["ray_data"] = {"texts": rows, "in_process_s": round(inproc, 2), "ray_data_s": round(cluster, 2),
-                           "ratio": round(inproc / cluster, 3),
+                           "ratio": round(inproc / cluster, 3), "in_process_end_to_end_s": round(e2e, 2),
+                           "ratio_end_to_end": round(e2e / cluster, 3),
                            "labels_match": pd.read_parquet(out)["label"].tolist() == labels}
         print("ray data:", res["ray_data"], flush=True)
     _record(res, a.gpu)
@@ -226,20 +251,29 @@ def main() -> None:
 
 
 def _record(res: dict, gpu: bool) -> None:
-    """The figures under results.json's keys (each with its ``_card``), and the whole run under ``serve_runs``."""
+    """The figures under results.json's keys (each with its ``_card``, and the replica layout they come
+    from: the one with the most texts/s at 20 clients), and the whole run under ``serve_runs``."""
     path = Path(os.environ.get("BENCH_RESULTS", ROOT / "benchmarks" / "results.json"))
     data = json.loads(path.read_text()) if path.exists() else {}
-    card, r20 = res["card"], res["serve_20_clients"]
-    if gpu:
-        figures = {"serve_texts_per_s_gpu": r20["texts_per_s"], "serve_p99_ms_gpu": r20["p99_ms"],
-                   "serve_200_clients_texts_per_s_gpu": res["serve_200_clients"]["texts_per_s"],
-                   "serve_200_clients_errors_gpu": res["serve_200_clients"]["errors"]}
-        if "ray_data" in res:
-            figures["ray_data_predict_ratio"] = res["ray_data"]["ratio"]
-    else:
-        figures = {"serve_p50_ms_cpu": r20["p50_ms"]}
+    done = [lay for lay in res.get("layouts", []) if all(f"{c}_clients" in lay for c in ((20, 200) if gpu else (20,)))]
+    figures: dict = {}
+    if done:
+        best = max(done, key=lambda lay: lay["20_clients"]["texts_per_s"])
+        r20, where = best["20_clients"], f"{best['replicas']} replica(s) x {best['gpus_per_replica']:g} GPU"
+        if gpu:
+            figures = {"serve_texts_per_s_gpu": r20["texts_per_s"], "serve_p99_ms_gpu": r20["p99_ms"],
+                       "serve_200_clients_texts_per_s_gpu": best["200_clients"]["texts_per_s"],
+                       "serve_200_clients_p99_ms_gpu": best["200_clients"]["p99_ms"],
+                       "serve_200_clients_errors_gpu": best["200_clients"]["errors"],
+                       "serve_labels_match_batch_gpu": best["labels_match_batch"], "serve_layout_gpu": where}
+        else:
+            figures = {"serve_p50_ms_cpu": r20["p50_ms"], "serve_p99_ms_cpu": r20["p99_ms"],
+                       "serve_texts_per_s_cpu": r20["texts_per_s"], "serve_layout_cpu": where}
+    if "ray_data" in res:
+        figures["ray_data_predict_ratio"] = res["ray_data"]["ratio"]
+        figures["ray_data_predict_ratio_end_to_end"] = res["ray_data"]["ratio_end_to_end"]
     for k, v in figures.items():
-        data[k], data[f"{k}_card"] = v, card
+        data[k], data[f"{k}_card"] = v, res["card"]
     runs = [r for r in data.get("serve_runs", []) if r.get("started") != res["started"]]
     data["serve_runs"] = runs + [dict(res)]
     path.write_text(json.dumps(data, indent=2) + "\n")

@@ -43,6 +43,13 @@ def test_study_over_both_approaches_with_asha(finished_study):
     assert s.returncode == 0 and "best trial" in s.stdout and "saved" in s.stdout, s.stdout + s.stderr
     best = parent.data.tags["best_trial_id"]
     assert best in s.stdout
+    # storage stays bounded: a stopped trial's checkpoints go once its best adapter is in MLflow
+    exp = Path(rec.experiment_path)
+    for r in runs:
+        folder = next(p for p in exp.iterdir() if r.data.tags[R.TRIAL_TAG] in p.name)
+        kept = list(folder.glob("checkpoint_*"))
+        assert (not kept) if r.data.tags[R.STATE_TAG] == "stopped_early" else kept, (folder, kept)
+    assert parent.data.metrics["storage_bytes"] > 0 and "stopped trials keep none" in s.stdout, s.stdout
 
 
 @pytest.mark.parametrize("reuse", [False, True], ids=["fresh-actors", "reused-actors"])
@@ -265,6 +272,34 @@ def test_failing_trial_is_errored_with_reason_and_the_study_goes_on(tmp_path, ya
             assert r.info.status == "FAILED" and "no_such_proj" in r.data.tags[R.REASON_TAG]
     s = run_cli("status", "with-errors")
     assert s.returncode == 0 and "errored" in s.stdout
+
+
+def test_trials_out_of_gpu_memory_end_errored_unretried_and_counted(tmp_path, yaml_file, ray_cluster, mlflow_server):
+    """A trial whose step raises CUDA's out-of-memory error (injected into every worker through Ray's
+    worker setup hook: generation trials) ends errored with the reason 'out of GPU memory ...'; Ray's
+    retry of it ends at once; the head trials go on and complete; the summary counts the failures."""
+    cfg = tiny_study(learnable_csv(tmp_path / "d.csv"), num_trials=3, max_failures=1,
+                     **{"scheduler.type": "none", "scheduler.max_epochs": 1})
+    cfg["search"] = {"approach": {"choice": ["head", "generation"]}}  # the first two trials: one of each
+    env = {"QLORA_TUNE_WORKER_SETUP_HOOK": "tests.faults.generation_trials_run_out_of_gpu_memory",
+           "PYTHONPATH": str(ROOT)}
+    p = run_cli("run", yaml_file(cfg), "--name", "oom", "--address", ray_cluster, env=env, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    from tuner.records import StudyRecord
+
+    c, runs = _children(StudyRecord.load("oom"))
+    by_approach: dict[str, list] = {}
+    for r in runs:
+        by_approach.setdefault(r.data.tags["approach"], []).append(r)
+    assert by_approach.get("generation") and by_approach.get("head"), {a: len(v) for a, v in by_approach.items()}
+    for r in by_approach["generation"]:
+        reason = r.data.tags[R.REASON_TAG]
+        assert r.data.tags[R.STATE_TAG] == "errored" and r.info.status == "FAILED"
+        assert reason.startswith("out of GPU memory with training.batch_size 8"), reason
+        assert reason.endswith("(in an earlier attempt; not retried)"), reason  # the retry did not train
+    assert all(r.data.tags[R.STATE_TAG] == "completed" for r in by_approach["head"])
+    n = len(by_approach["generation"])
+    assert f"{n} ran out of GPU memory" in p.stdout, p.stdout[-2000:]
 
 
 def test_ctrl_c_stops_cleanly_and_the_study_resumes(tmp_path, yaml_file, ray_cluster, mlflow_server):

@@ -10,9 +10,10 @@ import numpy as np
 import torch
 
 from trainables import layout as L
-from trainables.approaches import batched_log_scores, make_approach, use_bf16
+from trainables.approaches import Example, autocast, batched_log_scores, make_approach, use_bf16
 from trainables.config import RunConfig
 from trainables.errors import InputError
+from trainables.graphs import GraphedScorer
 from trainables.models import (
     device,
     load_adapter,
@@ -64,7 +65,7 @@ class Classifier:
     them to bf16). ``merge=False`` keeps the 4-bit base and the separate adapter."""
 
     def __init__(self, folder: str | Path, dev: torch.device | None = None, merge: bool = True,
-                 batch_size: int | None = None):
+                 batch_size: int | None = None, graphs: bool = True):
         self.folder = Path(folder)
         self.dev = dev or device()
         self.cfg, self.label_names, self.tokenizer = read_model_folder(self.folder)
@@ -76,21 +77,55 @@ class Classifier:
         model = load_adapter(dequantized(base) if merge else base, self.folder / L.ADAPTER)
         if merge:
             model = model.merge_and_unload()
-        self.model = model.eval()
+        self.model = model.eval().requires_grad_(False)
+        self.scorer = graphed_scorer(self.model, self.approach, self.dev, self.bf16, self.batch_size) \
+            if graphs and merge else None
 
     def predict(self, texts: list[str]) -> Prediction:
-        return _predict(self.model, self.approach, self.label_names, texts, self.batch_size, self.dev, self.bf16)
+        return _predict(self.model, self.approach, self.label_names, texts, self.batch_size, self.dev, self.bf16,
+                        self.scorer)
+
+    def warmup(self) -> int:
+        """Capture the CUDA graphs of every batch shape now (0 where graphs are not used)."""
+        return warm(self.scorer, self.approach)
 
     def generate(self, texts: list[str], max_new_tokens: int = 12) -> list[str]:
         """Free-text completion of each text's prompt (approaches that write text only)."""
         return self.approach.generate(self.model, list(texts), self.dev, max_new_tokens)
 
 
-def _predict(model, approach, label_names: list[str], texts: list[str], batch_size: int, dev, bf16: bool) -> Prediction:
+def graphed_scorer(model, approach, dev: torch.device, bf16: bool, max_rows: int, pool=None) -> GraphedScorer | None:
+    """The approach's scoring of ``model`` replayed from CUDA graphs, where that works: on a GPU, for
+    an approach with ``static_scoring``, over plain (dequantized) weights. None elsewhere."""
+    if dev.type != "cuda" or not approach.static_scoring:
+        return None
+    return GraphedScorer(unmasked_pass(model, approach), approach.tok.pad_token_id, max_rows, dev,
+                         pool=pool, context=lambda: autocast(dev, bf16, cache=False))
+
+
+def unmasked_pass(model, approach):
+    """The approach's scoring pass over its right-padded batches without their padding mask: under
+    causal attention no real token sees the padding to its right, so no real row's score changes, and
+    attention takes its plain causal kernel (no mask to build; nothing in transformers' mask logic
+    that reads the mask on the host, which graph capture forbids)."""
+    return lambda batch: approach.log_scores(model, {**batch, "attention_mask": None})
+
+
+def warm(scorer: GraphedScorer | None, approach) -> int:
+    """Capture ``scorer``'s graphs for every batch shape up to its rows and the approach's longest input."""
+    if scorer is None:
+        return 0
+    pad = approach.tok.pad_token_id
+    longest = max(len(e.input_ids) for e in approach.encode(["x " * approach.max_length]))
+    return scorer.warmup(longest, lambda rows, n: approach.collate([Example([pad] * n, 0, n)] * rows, train=False))
+
+
+def _predict(model, approach, label_names: list[str], texts: list[str], batch_size: int, dev, bf16: bool,
+             scorer=None) -> Prediction:
     if not texts:
         return Prediction([], np.zeros((0, len(label_names))), label_names)
     ex = approach.encode(list(texts))
-    scores = batched_log_scores(model, approach, ex, batch_size, dev, bf16)
+    scores = batched_log_scores(model, approach, ex, batch_size, dev, bf16, scorer)
     probs = torch.softmax(scores, -1).numpy()
     return Prediction([label_names[i] for i in probs.argmax(1)], probs, label_names)
 
@@ -103,6 +138,7 @@ class _Version:
     approach: object
     base_key: tuple
     bf16: bool
+    scorer: GraphedScorer | None = None
 
 
 class ClassifierSet:
@@ -114,7 +150,7 @@ class ClassifierSet:
     with its adapter active); one batch at a time (adapters are switched on the shared model)."""
 
     def __init__(self, folders: dict[str, str | Path], dev: torch.device | None = None, batch_size: int = 64,
-                 merge: bool = True):
+                 merge: bool = True, graphs: bool = True):
         from peft import PeftModel
 
         if not folders:
@@ -142,17 +178,35 @@ class ClassifierSet:
             for key, model in list(self.models.items()):
                 if sum(v.base_key == key for v in self.versions.values()) == 1:
                     self.models[key] = model.merge_and_unload().eval()
+        for model in self.models.values():
+            model.requires_grad_(False)
+        if graphs and merge and self.dev.type == "cuda":  # graphs per version: each captures its adapter
+            pool = torch.cuda.graph_pool_handle()
+            for v in self.versions.values():
+                v.scorer = graphed_scorer(self.models[v.base_key], v.approach, self.dev, v.bf16, batch_size, pool)
 
     def __contains__(self, name: str) -> bool:
         return name in self.versions
 
-    def predict(self, texts: list[str], version: str) -> Prediction:
-        v = self.versions[version]
+    def _activate(self, v: _Version):
         model = self.models[v.base_key]
         if self.active[v.base_key] != v.name:  # several versions on one base: switch adapters
             model.set_adapter(v.name)
             self.active[v.base_key] = v.name
-        return _predict(model, v.approach, v.label_names, texts, self.batch_size, self.dev, v.bf16)
+        return model
+
+    def predict(self, texts: list[str], version: str) -> Prediction:
+        v = self.versions[version]
+        return _predict(self._activate(v), v.approach, v.label_names, texts, self.batch_size, self.dev, v.bf16,
+                        v.scorer)
+
+    def warmup(self) -> int:
+        """Capture every version's CUDA graphs now (a server does this before taking requests)."""
+        total = 0
+        for v in self.versions.values():
+            self._activate(v)
+            total += warm(v.scorer, v.approach)
+        return total
 
     def predict_items(self, items: list[tuple[str, str]]) -> list[dict]:
         """``[(version, text), ...]`` -> one record per item (``model``, ``label``, ``p_<label>``), in order."""

@@ -24,6 +24,8 @@ STUDY_TAG = "qlora_tune.study"
 TRIAL_TAG = "qlora_tune.trial_id"
 STATE_TAG = "qlora_tune.state"
 REASON_TAG = "qlora_tune.reason"
+OOM_TAG = "qlora_tune.out_of_memory"
+"""Set on a trial's run when it ran out of GPU memory: Ray's retries of the trial end at once."""
 KIND_TAG = "qlora_tune.kind"  # study | trial | promotion
 NODE_TAG = "qlora_tune.node_id"  # the Ray node the trial (last) ran on
 PID_TAG = "qlora_tune.pid"  # the worker process the trial (last) ran in
@@ -210,6 +212,8 @@ class TrialRun:
     def _open(self, ctx, trial_id, trial_name, cfg, params) -> None:
         found = find_runs(self.c, ctx.experiment_id, ctx.study, "trial", trial_id, ctx.parent_run_id)
         self.completed = bool(found) and state_of(found[0]) is RunState.COMPLETED
+        self.out_of_memory = found[0].data.tags.get(OOM_TAG) if found else None
+        """The reason an earlier attempt of this trial ran out of GPU memory (None: it did not)."""
         if self.completed:  # restored from its final checkpoint: the run was completed before it
             self.run_id = found[0].info.run_id
             return
@@ -273,6 +277,10 @@ class TrialRun:
         for h in history:
             if h["epoch"] not in logged:
                 self.log_metrics(h, step=h["epoch"])
+
+    def ran_out_of_memory(self, reason: str) -> None:
+        """Remember on the run that this trial ran out of GPU memory (see :data:`OOM_TAG`)."""
+        self._retry(lambda: self.c.set_tag(self.run_id, OOM_TAG, reason[:500]))
 
     def complete(self, folder: Path, seconds: float) -> None:
         def finish():

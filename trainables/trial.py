@@ -22,6 +22,7 @@ from typing import Any
 
 from trainables import layout as L
 from trainables import params as P
+from trainables.errors import OOM_REASON, OutOfGPUMemory
 
 
 
@@ -90,53 +91,64 @@ def _train(params: dict[str, Any], ctx: TrialContext, trial_id: str, trial_name:
         torch.set_num_threads(int(ctx.cpus_per_trial))
     main = rank_and_world()[0] == 0
     run = TrialRun(ctx, trial_id, trial_name, cfg, params) if main else None
+    if run and run.out_of_memory:  # Ray retries a failed trial; these settings would run out again
+        raise OutOfGPUMemory(f"{run.out_of_memory} (in an earlier attempt; not retried)")
     started = time.time()
-    with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as d:
-        if d and Trainer.checkpoint_epoch(Path(d) / L.CHECKPOINT_STATE) >= ctx.max_epochs:
-            # restored from its final checkpoint: the trial had ended (its run completed before)
-            if run and not run.completed:
-                run.complete(Path(d) / L.CHECKPOINT_MODEL, time.time() - started)
-            return
-        data = load_dataset(cfg.data)
-        data.test = None  # the search never sees the test split
-        if run and not d:
-            run.log_data(data)
-        # with reused actors a Ray worker runs trial after trial: it tokenizes and quantizes once
-        trainer = Trainer(cfg, data, dev=dev, log=lambda *_: None, reuse=ctx.reuse)
-        if d:
-            trainer.load_checkpoint(Path(d) / L.CHECKPOINT_STATE)
-    if run:
-        run.sync_history(trainer.history)
-        run.log_metrics({"setup_seconds": trainer.setup_seconds}, step=trainer.epoch)
-
-    def on_epoch(rep, tr) -> None:
-        m = dict(rep.metrics)
-        m["gpu_seconds"] = ctx.gpu_per_trial * sum(h["train_seconds"] + h.get("eval_seconds", 0) for h in tr.history)
-        if not main:
-            if rep.epoch == ctx.max_epochs:
-                tr.finish()  # the final evaluation is collective: take part in it
-            report(m, None)
-            return
-        run.log_metrics(m, step=rep.epoch)  # before reporting: Ray may stop the trial there
-        with tempfile.TemporaryDirectory(prefix="qlt-ckpt-") as d:
-            tr.save_checkpoint(Path(d) / L.CHECKPOINT_STATE)
-            if rep.epoch == ctx.max_epochs:
-                # last epoch: full reports of the selected adapter, logged by the trial itself
-                write_artifacts(Path(d) / L.CHECKPOINT_MODEL, tr, tr.finish())
-                run.complete(Path(d) / L.CHECKPOINT_MODEL, time.time() - started)
-            else:
-                tr.write_best_model(Path(d) / L.CHECKPOINT_MODEL)
-            report(m, Path(d))
-
+    trainer = None
+    out_of_memory = None
     try:
+        with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as d:
+            if d and Trainer.checkpoint_epoch(Path(d) / L.CHECKPOINT_STATE) >= ctx.max_epochs:
+                # restored from its final checkpoint: the trial had ended (its run completed before)
+                if run and not run.completed:
+                    run.complete(Path(d) / L.CHECKPOINT_MODEL, time.time() - started)
+                return
+            data = load_dataset(cfg.data)
+            data.test = None  # the search never sees the test split
+            if run and not d:
+                run.log_data(data)
+            # with reused actors a Ray worker runs trial after trial: it tokenizes and quantizes once
+            trainer = Trainer(cfg, data, dev=dev, log=lambda *_: None, reuse=ctx.reuse)
+            if d:
+                trainer.load_checkpoint(Path(d) / L.CHECKPOINT_STATE)
+        if run:
+            run.sync_history(trainer.history)
+            run.log_metrics({"setup_seconds": trainer.setup_seconds}, step=trainer.epoch)
+
+        def on_epoch(rep, tr) -> None:
+            m = dict(rep.metrics)
+            m["gpu_seconds"] = ctx.gpu_per_trial * sum(h["train_seconds"] + h.get("eval_seconds", 0) for h in tr.history)
+            if not main:
+                if rep.epoch == ctx.max_epochs:
+                    tr.finish()  # the final evaluation is collective: take part in it
+                report(m, None)
+                return
+            run.log_metrics(m, step=rep.epoch)  # before reporting: Ray may stop the trial there
+            with tempfile.TemporaryDirectory(prefix="qlt-ckpt-") as d:
+                tr.save_checkpoint(Path(d) / L.CHECKPOINT_STATE)
+                if rep.epoch == ctx.max_epochs:
+                    # last epoch: full reports of the selected adapter, logged by the trial itself
+                    write_artifacts(Path(d) / L.CHECKPOINT_MODEL, tr, tr.finish())
+                    run.complete(Path(d) / L.CHECKPOINT_MODEL, time.time() - started)
+                else:
+                    tr.write_best_model(Path(d) / L.CHECKPOINT_MODEL)
+                report(m, Path(d))
+
         trainer.fit(on_epoch)
-    finally:
+    except torch.cuda.OutOfMemoryError as e:
+        out_of_memory = (f"{OOM_REASON} with training.batch_size {cfg.training.batch_size} and "
+                         f"training.max_length {cfg.training.max_length} ({str(e).splitlines()[0][:200]})")
+    finally:  # the error's frames (and the tensors they hold) are gone by now: free the memory
         del trainer
         import gc
 
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    if out_of_memory:
+        if run:
+            run.ran_out_of_memory(out_of_memory)
+        raise OutOfGPUMemory(out_of_memory)
 
 
 # ------------------------------------------------------------------ data-parallel trials

@@ -12,6 +12,8 @@ from ray.tune import Callback
 from trainables import layout as L
 from trainables import params as P
 from trainables import runs as R
+from trainables.errors import OutOfGPUMemory
+from tuner import storage
 
 
 def _reason(trial) -> str:
@@ -27,7 +29,10 @@ def _reason(trial) -> str:
     except Exception:  # noqa: BLE001
         pass
     lines = [l.strip() for l in text.strip().splitlines() if l.strip()]
-    return (lines[-1] if lines else "unknown error")[:500]
+    last = lines[-1] if lines else "unknown error"
+    if f"{OutOfGPUMemory.__name__}: " in last:  # the reason is the message ("out of GPU memory ...")
+        last = last.split(f"{OutOfGPUMemory.__name__}: ", 1)[1]
+    return last[:500]
 
 
 class StudyCallback(Callback):
@@ -117,13 +122,18 @@ class StudyCallback(Callback):
                                                         str(params.get("approach", "")), params)
             if only_if_open and R.state_of(c.get_run(run_id)) is R.RunState.COMPLETED:
                 return
+            uploaded = False
             if state.has_model and trial.checkpoint is not None:
                 with trial.checkpoint.as_directory() as d:
                     model = Path(d) / L.CHECKPOINT_MODEL
                     if model.is_dir():
                         c.log_artifacts(run_id, str(model), L.RUN_MODEL_ARTIFACT)
+                        uploaded = True
             R.set_state(c, run_id, state, reason)
+            if uploaded and state is R.RunState.STOPPED_EARLY:
+                storage.drop_checkpoints(trial)  # its best adapter is in MLflow now; nothing resumes a stopped trial
         except Exception as e:  # noqa: BLE001
             from tuner.console import err_console
 
             err_console.print(f"warning: could not update MLflow for trial {trial.trial_id}: {e}")
+

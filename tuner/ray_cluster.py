@@ -24,13 +24,19 @@ def connect(address: str | None, runtime_env: dict | None = None) -> None:
     # trials keep training while MLflow is away: fail fast per request, TrialRun keeps and resends
     env_vars.update({k: os.environ.get(k, v) for k, v in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"),
                                                            ("MLFLOW_HTTP_REQUEST_TIMEOUT", "15"))})
+    extra = dict(runtime_env or {})
+    hook = os.environ.get("QLORA_TUNE_WORKER_SETUP_HOOK")
+    if hook:  # Ray's worker_process_setup_hook: `module.function` run in every worker process at start
+        extra["worker_process_setup_hook"] = hook
+        if "PYTHONPATH" in os.environ:  # where the hook's module is found
+            env_vars["PYTHONPATH"] = os.environ["PYTHONPATH"]
     if address:  # joining a cluster with token authentication: use the token here, as `ray start` does
         compat.enable_ray_token_auth_if_available()
     host = (address or "").removeprefix("ray://").split(":")[0]
     kw = compat.loopback_node_kwargs() if host in ("127.0.0.1", "localhost") else {}
     try:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False,
-                 runtime_env={"env_vars": env_vars, **(runtime_env or {})}, configure_logging=True, **kw)
+                 runtime_env={"env_vars": env_vars, **extra}, configure_logging=True, **kw)
     except ConnectionError as e:
         raise InputError(f"--address {address}: cannot connect to a Ray cluster ({str(e).splitlines()[0]})") from None
 
@@ -38,7 +44,7 @@ def connect(address: str | None, runtime_env: dict | None = None) -> None:
 def check_resources(study: StudyConfig, source: str, cluster: dict[str, float]) -> dict[str, float]:
     """Resources per trial that this cluster can satisfy, or a clear error before any trial starts."""
     r = study.resources_per_trial
-    gpus = r.workers * r.gpus_per_worker if r.workers > 1 else r.gpu
+    gpus = r.workers * r.gpus_per_worker if r.workers > 1 else (0.0 if r.gpu == "auto" else r.gpu)
     have_gpu, have_cpu = cluster.get("GPU", 0.0), cluster.get("CPU", 0.0)
     if gpus > 0 and have_gpu == 0 and gpus < 1 and r.workers == 1:
         console.print(f"[yellow]warning[/]: resources_per_trial.gpu={gpus} but the cluster has no GPU; trials run on CPU")

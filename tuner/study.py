@@ -77,6 +77,9 @@ def run_study(path: Path, overrides: list[str], name: str | None, address: str |
     connect(address)
     import ray
 
+    from tuner.packing import resolve_auto_gpu
+
+    study = resolve_auto_gpu(study, space, str(path), data.label_names, ray.cluster_resources())  # recorded resolved
     res = check_resources(study, str(path), ray.cluster_resources())
     c = R.client(uri)
     exp_id = tracking.experiment_id(c, study.tracking.experiment, study.tracking.artifact_location)

@@ -7,8 +7,9 @@ that approach. Every key and every candidate value is checked against the run co
 
 from __future__ import annotations
 
+import builtins
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -25,7 +26,7 @@ class Distribution(BaseModel):
     model_config = ConfigDict(extra="forbid")
     loguniform: tuple[float, float] | None = None
     uniform: tuple[float, float] | None = None
-    int: tuple[int, int] | None = None
+    int: tuple[builtins.int, builtins.int] | None = None  # the field's name hides the type here
     choice: list[Any] | None = None
     log: bool = False
     """With ``int``: sample on a log scale."""
@@ -73,9 +74,11 @@ class SchedulerSettings(BaseModel):
 class Resources(BaseModel):
     model_config = ConfigDict(extra="forbid")
     cpu: float = Field(1, gt=0)
-    gpu: float = Field(0, ge=0)
+    gpu: Annotated[float, Field(ge=0)] | Literal["auto"] = 0
     """GPUs per trial; fractions pack several trials on one card. A fraction on a cluster without GPUs
-    becomes 0 with a warning; whole GPUs the cluster lacks fail before any trial starts."""
+    becomes 0 with a warning; whole GPUs the cluster lacks fail before any trial starts. ``auto``: as
+    many trials per card as fit, from a trial's memory measured at the search space's largest
+    settings (:mod:`tuner.packing`)."""
     workers: int = Field(1, ge=1)
     """Data-parallel Ray Train workers per trial (several GPUs per trial); each reserves ``cpu``
     CPUs and ``gpus_per_worker`` GPUs. ``training.batch_size`` stays the global batch."""
@@ -233,7 +236,7 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> tuple[St
     if study.storage and "://" not in study.storage:
         study.storage = str(Path(study.storage).expanduser().resolve())
     r = study.resources_per_trial
-    if r.workers > 1 and r.gpu:
+    if r.workers > 1 and r.gpu:  # 'auto' too
         raise InputError(f"{path}: resources_per_trial.gpu: with workers > 1 give GPUs per worker as "
                          f"gpus_per_worker (gpu is for single-worker trials)")
     if r.workers == 1 and r.gpus_per_worker:

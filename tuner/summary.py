@@ -13,6 +13,8 @@ from rich.table import Table
 from trainables import layout as L
 from trainables import params as P
 from trainables import runs as R
+from trainables.errors import OOM_REASON
+from tuner import storage
 from tuner.console import console
 
 SHOWN = ("training.learning_rate", "lora.r", "training.batch_size")
@@ -111,7 +113,14 @@ def compute_summary(rec, df: pd.DataFrame) -> dict:
     epochs = int(df["epochs"].sum()) if len(df) else 0
     budget = s.num_trials * s.scheduler.max_epochs
     counts = df["state"].value_counts().to_dict() if len(df) else {}
-    return {"trials": len(df), "states": counts, "epochs_run": epochs, "epochs_without_early_stopping": budget,
+    oom = int(df["reason"].fillna("").str.startswith(OOM_REASON).sum()) if len(df) else 0
+    try:
+        sizes = list(storage.bytes_by_trial(rec.experiment_path).values())
+    except OSError:  # storage out of reach (a bucket without credentials here)
+        sizes = []
+    return {"trials": len(df), "states": counts, "out_of_gpu_memory": oom,
+            "storage_bytes": sum(sizes), "storage_bytes_per_trial_max": max(sizes, default=0),
+            "epochs_run": epochs, "epochs_without_early_stopping": budget,
             "compute_saved": 1 - epochs / budget if budget else 0.0,
             "gpu_hours": float(df["gpu_seconds"].sum()) / 3600 if len(df) else 0.0}
 
@@ -126,7 +135,8 @@ def write_study_report(rec, df: pd.DataFrame, seconds: float, folder: Path) -> d
         plot_metric_by_epoch(rec, df, folder / "metric_by_epoch.png")
     (folder / "summary.json").write_text(json.dumps({**summary, "seconds": seconds}, indent=2))
     metrics = {"epochs_run": summary["epochs_run"], "compute_saved": summary["compute_saved"],
-               "gpu_hours": summary["gpu_hours"], "wall_seconds": seconds}
+               "gpu_hours": summary["gpu_hours"], "wall_seconds": seconds,
+               "storage_bytes": summary["storage_bytes"], "out_of_gpu_memory_trials": summary["out_of_gpu_memory"]}
     if best is not None:
         metrics[f"best_{rec.study.metric}"] = float(best[f"best_{rec.study.metric}"])
         try:
@@ -162,7 +172,13 @@ def print_status(rec, df: pd.DataFrame | None = None) -> None:
         console.print("  " + ", ".join(f"{k}={v}" for k, v in sorted(params.items())))
     console.print(f"[bold]compute[/]: {summary['epochs_run']} epochs run of {summary['epochs_without_early_stopping']} "
                   f"without early stopping (saved {summary['compute_saved']:.0%}); "
-                  f"GPU-hours {summary['gpu_hours']:.3f}; states {summary['states']}")
+                  f"GPU-hours {summary['gpu_hours']:.3f}; states {summary['states']}"
+                  + (f"; {summary['out_of_gpu_memory']} ran {OOM_REASON}" if summary["out_of_gpu_memory"] else ""),
+                  soft_wrap=True)
+    if summary["storage_bytes"]:
+        console.print(f"[bold]storage[/]: {summary['storage_bytes'] / 1e6:.1f} MB of checkpoints and state in "
+                      f"{rec.experiment_path} (at most {summary['storage_bytes_per_trial_max'] / 1e6:.1f} MB per "
+                      f"trial; stopped trials keep none)", soft_wrap=True)
     from tuner.tracking import runs_link
 
     link = runs_link(rec.tracking_uri, rec.experiment_id, rec.name)

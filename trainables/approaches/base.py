@@ -108,6 +108,9 @@ class Approach:
         raise NotImplementedError
 
     can_generate: ClassVar[bool] = False
+    static_scoring: bool = False
+    """:meth:`log_scores` keeps every shape fixed by its batch's and never waits on the device, so a
+    CUDA graph can capture it (:mod:`trainables.graphs`)."""
 
     def generate(self, model, texts: list[str], dev: torch.device, max_new_tokens: int) -> list[str]:
         raise InputError(f"--generate: approach {self.name} does not write text; use a generation model")
@@ -125,24 +128,31 @@ def use_bf16(cfg: RunConfig, dev: torch.device) -> bool:
     return dev.type == "cuda" if cfg.training.bf16 == "auto" else bool(cfg.training.bf16)
 
 
-def autocast(dev: torch.device, bf16: bool):
-    """bf16 autocast where asked (the default on CUDA); a no-op context otherwise."""
-    return torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+def autocast(dev: torch.device, bf16: bool, cache: bool = True):
+    """bf16 autocast where asked (the default on CUDA); a no-op context otherwise. ``cache=False``
+    for CUDA-graph capture (a cached cast would be freed at exit while the graph still reads it)."""
+    return torch.autocast(dev.type, dtype=torch.bfloat16, cache_enabled=cache) if bf16 else contextlib.nullcontext()
 
 
 @torch.inference_mode()
 def batched_log_scores(model, approach: Approach, examples: list[Example], batch_size: int,
-                       dev: torch.device, bf16: bool) -> torch.Tensor:
+                       dev: torch.device, bf16: bool, scorer=None) -> torch.Tensor:
     """Log-scores ``[N, classes]`` in input order (on the CPU).
 
-    Examples are run longest first in large batches (little padding), then put back in order."""
+    Examples are run longest first in large batches (little padding), then put back in order.
+    ``scorer(batch)`` (a CPU batch, under its own autocast) replaces ``approach.log_scores(model, batch)``
+    (e.g. a :class:`trainables.graphs.GraphedScorer`)."""
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
     out = torch.empty((len(examples), len(approach.labels)), dtype=torch.float32)
     for s in range(0, len(order), batch_size):
         idx = order[s: s + batch_size]
-        batch = to_device(approach.collate([examples[i] for i in idx], train=False), dev)
-        with autocast(dev, bf16):
-            out[idx] = approach.log_scores(model, batch).float().cpu()
+        batch = approach.collate([examples[i] for i in idx], train=False)
+        if scorer is not None:
+            scores = scorer(batch)
+        else:
+            with autocast(dev, bf16):
+                scores = approach.log_scores(model, to_device(batch, dev))
+        out[idx] = scores.float().cpu()
     return out
 
 

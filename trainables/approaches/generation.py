@@ -69,7 +69,8 @@ class GenerationApproach(Approach):
         if mode == "first_token" and not distinct:
             raise InputError("generation.scoring: first_token needs labels whose first tokens differ; use 'full'")
         self.first_token = mode == "first_token" or (mode == "auto" and distinct)
-        self.first_ids = torch.tensor(firsts, dtype=torch.long)
+        self.static_scoring = self.first_token  # full scoring selects label positions by value
+        self._first_ids = {"cpu": torch.tensor(firsts, dtype=torch.long)}
         self.text_budget = self.max_length - len(self.prefix) - len(self.suffix) - max(map(len, self.label_ids))
         if self.text_budget < 4:
             raise InputError(
@@ -111,7 +112,8 @@ class GenerationApproach(Approach):
         """Logits only where a label token is predicted: the full-vocabulary projection of every
         position is skipped (it dominates compute and memory for short classifiers)."""
         decoder, lm_head = _causal_parts(model)
-        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         use_cache=False).last_hidden_state
         tgt = batch["targets"][:, 1:]
         sel = tgt != -100
         logits = lm_head(hidden[:, :-1][sel]).float()
@@ -121,13 +123,20 @@ class GenerationApproach(Approach):
         logits, tgt, _ = self._token_logits(model, batch)
         return F.cross_entropy(logits, tgt)
 
+    def _first_ids_on(self, dev: torch.device) -> torch.Tensor:
+        """The labels' first token ids on ``dev``, copied there once (no copy inside a CUDA graph)."""
+        if str(dev) not in self._first_ids:
+            self._first_ids[str(dev)] = self._first_ids["cpu"].to(dev)
+        return self._first_ids[str(dev)]
+
     def log_scores(self, model, batch):
         if self.first_token:
             decoder, lm_head = _causal_parts(model)
-            hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             use_cache=False).last_hidden_state
             h = hidden[torch.arange(hidden.shape[0], device=hidden.device), batch["last"]]
             logits = lm_head(h).float()
-            return torch.log_softmax(logits, -1)[:, self.first_ids.to(logits.device)]
+            return torch.log_softmax(logits, -1)[:, self._first_ids_on(logits.device)]
         logits, tgt, sel = self._token_logits(model, batch)
         tok_lp = torch.log_softmax(logits, -1).gather(1, tgt[:, None]).squeeze(1)
         row_of = torch.arange(sel.shape[0], device=sel.device)[:, None].expand_as(sel)[sel]

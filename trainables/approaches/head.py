@@ -23,6 +23,7 @@ class HeadApproach(Approach):
     rank = 0
     Settings = HeadSettings
     task_type = "SEQ_CLS"
+    static_scoring = True
     keep_unquantized = ["score"]  # the fresh head trains in full precision
     default_search = {"head.class_weights": {"choice": ["none", "balanced"]}}
 
@@ -55,7 +56,7 @@ class HeadApproach(Approach):
         return torch.tensor(len(train_labels) / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32)
 
     def log_scores(self, model, batch):
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         return out.logits.float()
 
     def loss(self, model, batch, class_weights):

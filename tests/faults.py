@@ -1,0 +1,21 @@
+"""Faults injected into Ray's worker processes, through ``QLORA_TUNE_WORKER_SETUP_HOOK`` (Ray's
+``worker_process_setup_hook``): each function here runs once in every worker process at its start."""
+
+from __future__ import annotations
+
+
+def generation_trials_run_out_of_gpu_memory() -> None:
+    """Training a generation trial raises CUDA's out-of-memory error in its first step, as a card
+    that is too small would (the CPU has no CUDA allocator to exhaust)."""
+    import torch
+
+    from trainables.loop import Trainer
+
+    fit = Trainer.fit
+
+    def fit_or_run_out(self, *args, **kwargs):
+        if self.cfg.approach == "generation":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected by tests/faults.py)")
+        return fit(self, *args, **kwargs)
+
+    Trainer.fit = fit_or_run_out

@@ -1,0 +1,140 @@
+"""CUDA graphs for scoring: a frozen model's scoring pass, captured once per batch shape and replayed.
+
+A small model's forward pass is bound by kernel launches, not arithmetic: SmolLM2-135M took about
+50 ms per serving batch on an H200 whatever the batch size (BENCHMARKS.md, issue 13). A replayed
+graph launches all of a pass's kernels at once. Shapes are few because batches are padded up to a
+bucket (:func:`bucket_rows`, :func:`bucket_length`):
+
+* extra columns are right padding (pad tokens, masked out): causal attention keeps every real token
+  from seeing them, and each approach reads its scores at real positions only;
+* extra rows are a single unmasked pad token each, scored and dropped; rows never mix in a forward pass.
+
+So a real row's scores are those of an eager pass up to floating-point rounding (kernels differ with
+the shape), which the tests check on the CPU through the same padding (``capture=False``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, ContextManager
+
+import torch
+
+Batch = dict[str, torch.Tensor]
+MIN_LENGTH = 16
+
+
+def bucket_rows(n: int) -> int:
+    """Rows of the graph that scores ``n`` rows: the next power of two."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+def bucket_length(n: int) -> int:
+    """Columns of the graph that scores sequences of ``n`` tokens: 16, 32, 48, 64, 96, 128, 192, ...
+    (powers of two and their midpoints from 32 on: at most 50% padding)."""
+    p = MIN_LENGTH
+    while True:
+        if n <= p:
+            return p
+        if p >= 32 and n <= p * 3 // 2:
+            return p * 3 // 2
+        p *= 2
+
+
+@dataclass
+class _Captured:
+    inputs: Batch
+    output: torch.Tensor
+    graph: object | None  # torch.cuda.CUDAGraph, None when not captured (CPU tests)
+
+
+class GraphedScorer:
+    """``score(batch) -> [rows, classes]`` replayed from CUDA graphs, one per (rows, length) bucket.
+
+    ``score`` must take a batch of ``input_ids``/``attention_mask`` ``[rows, length]`` (plus any
+    ``[rows]`` tensors) and run no host synchronisation (true of the approaches whose
+    ``static_scoring`` is set). The model's weights must not move or change while graphs exist.
+    Graphs are captured on first use of a shape (or all at once by :meth:`warmup`) and share one
+    memory pool: replays must not overlap (one caller at a time), and each result is a copy.
+
+    ``context()`` wraps every pass (e.g. autocast, with its cache off). ``capture=False`` runs the same
+    padded batches eagerly (CPU tests of the padding)."""
+
+    def __init__(self, score: Callable[[Batch], torch.Tensor], pad_token_id: int, max_rows: int,
+                 dev: torch.device, capture: bool = True, pool=None,
+                 context: Callable[[], ContextManager] = contextlib.nullcontext):
+        self.score, self.pad, self.max_rows, self.dev, self.context = score, pad_token_id, max_rows, dev, context
+        self.capture = capture and dev.type == "cuda"
+        self.pool = pool if pool is not None or not self.capture else torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple[int, int], _Captured] = {}
+
+    @torch.inference_mode()
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        rows, length = batch["input_ids"].shape
+        if rows > self.max_rows:
+            return torch.cat([self(_rows(batch, s, s + self.max_rows)) for s in range(0, rows, self.max_rows)])
+        key = (bucket_rows(rows), bucket_length(length))
+        g = self.graphs.get(key) or self._build(key, batch)
+        if g.inputs.keys() != batch.keys():
+            raise ValueError(f"batch keys {sorted(batch)} differ from the captured {sorted(g.inputs)}")
+        self._fill(g.inputs, batch)
+        if g.graph is None:
+            with self.context():
+                return self.score(g.inputs)[:rows].clone()
+        g.graph.replay()
+        return g.output[:rows].clone()
+
+    @torch.inference_mode()
+    def warmup(self, max_length: int, probe: Callable[[int, int], Batch]) -> int:
+        """Capture every bucket up to ``max_rows`` x ``max_length`` now (a server does this before it
+        takes requests); ``probe(rows, length)`` makes a batch of that shape with the keys real
+        batches have. Returns the number of graphs."""
+        lengths = sorted({bucket_length(n) for n in range(1, max_length + 1)})
+        rows = 1
+        while rows <= bucket_rows(self.max_rows):
+            for length in lengths:
+                if (rows, length) not in self.graphs:
+                    self._build((rows, length), probe(rows, length))
+            rows *= 2
+        return len(self.graphs)
+
+    # ------------------------------------------------------------------
+
+    def _fill(self, static: Batch, batch: Batch) -> None:
+        rows, length = batch["input_ids"].shape
+        for k, buf in static.items():
+            src = batch[k].to(self.dev, non_blocking=True)
+            if buf.dim() == 2:
+                buf.fill_(self.pad if k == "input_ids" else 0)
+                buf[:rows, :length].copy_(src)
+            else:
+                buf.zero_()
+                buf[:rows].copy_(src)
+        static["attention_mask"][rows:, 0] = 1  # filler rows: one visible pad token (no empty softmax)
+
+    def _build(self, key: tuple[int, int], like: Batch) -> _Captured:
+        rows, length = key
+        static = {k: torch.zeros((rows, length) if v.dim() == 2 else (rows,), dtype=v.dtype, device=self.dev)
+                  for k, v in like.items()}
+        self._fill(static, {k: v[:0] if v.dim() == 1 else v[:0, :0] for k, v in like.items()})
+        if not self.capture:
+            g = _Captured(static, torch.empty(0), None)
+        else:
+            side = torch.cuda.Stream(self.dev)
+            side.wait_stream(torch.cuda.current_stream(self.dev))
+            with self.context():
+                with torch.cuda.stream(side):  # warm-up passes: lazy initialisation happens outside the graph
+                    for _ in range(2):
+                        self.score(static)
+                torch.cuda.current_stream(self.dev).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    out = self.score(static)
+            g = _Captured(static, out, graph)
+        self.graphs[key] = g
+        return g
+
+
+def _rows(batch: Batch, start: int, stop: int) -> Batch:
+    return {k: v[start:stop] for k, v in batch.items()}

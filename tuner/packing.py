@@ -1,0 +1,82 @@
+"""``resources_per_trial.gpu: auto``: how many trials share a card, from a trial's measured GPU memory
+at the largest settings of the search space (batch size, sequence length, LoRA rank, each approach)."""
+
+from __future__ import annotations
+
+import math
+
+from trainables.errors import InputError
+from tuner.console import console
+from trainables.footprint import Footprint
+from tuner.study_config import SearchSpace, StudyConfig
+
+GiB = 2**30
+CONTEXT_BYTES = 1 * GiB
+"""Memory each trial process holds besides its tensors (CUDA context, allocator slack)."""
+USABLE = 0.92
+"""Share of a card that trials may fill together."""
+MARGIN = 1.15
+"""Growth allowed beyond the measured peak (fragmentation over a long run, longer real texts)."""
+LARGEST = ("training.batch_size", "training.eval_batch_size", "training.max_length", "lora.r")
+
+
+def largest_settings(study: StudyConfig, space: SearchSpace, approach: str) -> dict:
+    """The study's run config with each of :data:`LARGEST` at its largest value in the space."""
+    params = {}
+    for key in LARGEST:
+        d = space.common.get(key) or space.blocks.get(approach, {}).get(key)
+        if d is not None:
+            values = d.choice if d.kind == "choice" else list(getattr(d, d.kind))
+            params[key] = max(values)
+    params["approach"] = approach
+    return study.run_config(params).dump()
+
+
+def trials_per_card(peak_bytes: int, card_bytes: int) -> int:
+    return math.floor(USABLE * card_bytes / (MARGIN * peak_bytes + CONTEXT_BYTES))
+
+
+def resolve_auto_gpu(study: StudyConfig, space: SearchSpace, source: str, label_names: list[str],
+                     cluster: dict[str, float]) -> StudyConfig:
+    """The study with ``resources_per_trial.gpu: auto`` replaced by a share of a card (1/n for the n
+    trials that fit), measured on one of the cluster's GPUs; no GPU: 0 (trials on the CPU). A space
+    whose largest trial does not fit on a card fails here, naming the settings."""
+    r = study.resources_per_trial
+    if r.gpu != "auto":
+        return study
+    if cluster.get("GPU", 0) == 0:
+        console.print("[yellow]warning[/]: resources_per_trial.gpu: auto, but the cluster has no GPU; trials run on the CPU")
+        gpu = 0.0
+    else:
+        import ray
+
+        from trainables.footprint import measure
+
+        task = ray.remote(num_gpus=1, num_cpus=1)(measure)
+        worst = None
+        for approach in space.approaches(study.approach):
+            cfg = largest_settings(study, space, approach)
+            fp = ray.get(task.remote(cfg, label_names))
+            if worst is None or fp.peak_bytes > worst[0].peak_bytes:
+                worst = (fp, cfg)
+        gpu = share_of_card(*worst, cluster, r.cpu, source)
+    return study.model_copy(update={"resources_per_trial": r.model_copy(update={"gpu": gpu})})
+
+
+def share_of_card(fp: Footprint, cfg: dict, cluster: dict[str, float], cpus_per_trial: float, source: str) -> float:
+    """1/n of a card for the n trials of footprint ``fp`` (measured at run config ``cfg``) that fit on
+    it, and that the CPUs per card can run; an error naming the settings when not even one fits."""
+    n = trials_per_card(fp.peak_bytes, fp.card_bytes)
+    t = cfg["training"]
+    what = (f"a {cfg['approach']} trial at training.batch_size {t['batch_size']}, training.max_length "
+            f"{t['max_length']} and lora.r {cfg['lora']['r']} (the space's largest) peaked at "
+            f"{fp.peak_bytes / GiB:.1f} GiB")
+    if n < 1:
+        raise InputError(f"{source}: resources_per_trial.gpu: auto: {what}, more than a "
+                         f"{fp.card_bytes / GiB:.0f} GiB card holds; lower those in `search`, or give "
+                         f"each trial several GPUs with resources_per_trial.workers")
+    cpus_per_card = cluster.get("CPU", 1) / cluster["GPU"]
+    n = max(1, min(n, math.floor(cpus_per_card / cpus_per_trial)))
+    console.print(f"resources_per_trial.gpu: auto -> {1 / n:.4g} ({n} trial(s) per card): {what} of "
+                  f"{fp.card_bytes / GiB:.0f} GiB", soft_wrap=True)
+    return 1.0 / n
