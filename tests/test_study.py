@@ -37,12 +37,13 @@ def test_study_over_both_approaches_with_asha(finished_study):
         assert "model/adapter" in arts and "model/plots" in arts, arts
     parent = c.get_run(rec.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["best_trial_id"]
-    assert {"trials.csv", "metric_by_epoch.png", "best_config.yaml", "summary.json"} <= \
-        {a.path for a in c.list_artifacts(rec.parent_run_id)}
+    assert {"trials.csv", "metric_by_epoch.png", "best_config.yaml", "summary.json", "param_importances.png",
+            "parallel_coordinate.png"} <= {a.path for a in c.list_artifacts(rec.parent_run_id)}
     s = run_cli("status", "both-approaches")
     assert s.returncode == 0 and "best trial" in s.stdout and "saved" in s.stdout, s.stdout + s.stderr
     best = parent.data.tags["best_trial_id"]
     assert best in s.stdout
+    assert "most important" in s.stdout and "approach" in s.stdout.split("most important")[1], s.stdout
     # storage stays bounded: a stopped trial's checkpoints go once its best adapter is in MLflow
     exp = Path(rec.experiment_path)
     for r in runs:
@@ -50,6 +51,32 @@ def test_study_over_both_approaches_with_asha(finished_study):
         kept = list(folder.glob("checkpoint_*"))
         assert (not kept) if r.data.tags[R.STATE_TAG] == "stopped_early" else kept, (folder, kept)
     assert parent.data.metrics["storage_bytes"] > 0 and "stopped trials keep none" in s.stdout, s.stdout
+
+
+def test_warm_start_gives_optuna_the_old_trials_where_the_spaces_agree(finished_study, tmp_path, yaml_file, ray_cluster):
+    import pickle
+
+    old_c, old_runs = _children(finished_study)
+    r8 = sum(r.data.params.get("search.lora.r") == "8" for r in old_runs)
+    cfg = tiny_study(learnable_csv(tmp_path / "d.csv"), num_trials=2, **{"scheduler.type": "none", "scheduler.max_epochs": 1})
+    cfg["search"] = {"approach": {"choice": ["head", "generation"]}, "lora.r": {"choice": [4, 16]},
+                     "training.warmup_ratio": {"uniform": [0.0, 0.1]}}
+    p = run_cli("run", yaml_file(cfg), "--name", "warm", "--address", ray_cluster, "--warm-start", finished_study.name,
+                timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    out = " ".join(p.stdout.split())
+    assert f"warm start from {finished_study.name}: 6 trial(s) carried over" in out, out[:3000]
+    assert f"training.warmup_ratio: not searched by {finished_study.name} (6 trial(s)" in out
+    assert "head.class_weights: not in this space" in out
+    assert (f"lora.r: outside this space in {r8} trial(s)" in out) == (r8 > 0), out[:3000]
+    from tuner.records import StudyRecord
+
+    rec = StudyRecord.load("warm")
+    assert R.client(rec.tracking_uri).get_run(rec.parent_run_id).data.tags["warm_start_trials"] == "6"
+    # Optuna's study inside the saved searcher holds the 6 old trials and the 2 new ones
+    state = pickle.loads(max(Path(rec.experiment_path).glob("searcher-state-*.pkl")).read_bytes())
+    trials = state["_ot_study"].trials
+    assert len(trials) == 8 and sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials[:6]) == 6
 
 
 @pytest.mark.parametrize("reuse", [False, True], ids=["fresh-actors", "reused-actors"])

@@ -75,11 +75,12 @@ def run(
     name: Annotated[Optional[str], typer.Option("--name", help="Study name (default: file name + time).")] = None,
     address: Address = None,
     set_: SetOpt = None,
+    warm_start: Annotated[Optional[str], typer.Option("--warm-start", help="An earlier study (same task, older data) whose trials Optuna starts from, where the spaces agree.")] = None,
 ):
     """Launch a hyperparameter search on Ray Tune."""
     from tuner.study import run_study
 
-    run_study(study, set_ or [], name, address)
+    run_study(study, set_ or [], name, address, warm_start)
 
 
 @app.command()

@@ -9,6 +9,7 @@ complete trials by value and puts pruned ones after them, ordered by how far the
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from ray.tune.search.optuna import OptunaSearch
@@ -27,6 +28,28 @@ def _suggest(trial, name: str, d: Distribution) -> None:
         trial.suggest_float(name, *d.uniform)
     else:
         trial.suggest_int(name, *d.int, log=d.log)
+
+
+def optuna_distribution(d: Distribution):
+    """The Optuna distribution that :class:`DefineByRun` samples ``d`` from."""
+    import optuna.distributions as od
+
+    if d.kind == "choice":
+        return od.CategoricalDistribution([P.encode(c) for c in d.choice])
+    if d.kind == "int":
+        return od.IntDistribution(*d.int, log=d.log)
+    lo, hi = getattr(d, d.kind)
+    return od.FloatDistribution(lo, hi, log=d.kind == "loguniform")
+
+
+def mlflow_value(raw: str, d: Distribution):
+    """A parameter as MLflow holds it (a string) back to its value in the Optuna distribution."""
+    if d.kind == "choice":
+        for c in d.choice:
+            if raw == (json.dumps(c) if isinstance(c, (list, tuple)) else str(c)):
+                return P.encode(c)
+        raise ValueError(raw)
+    return int(raw) if d.kind == "int" else float(raw)
 
 
 class DefineByRun:
@@ -64,7 +87,9 @@ class PruningAwareOptunaSearch(OptunaSearch):
 
 
 def make_searcher(space: SearchSpace, fixed_approach: str, seed: int, num_trials: int, max_epochs: int,
-                  metric: str, mode: str):
+                  metric: str, mode: str, warm_trials: list = ()):
+    """``warm_trials``: Optuna trials of an earlier study (:mod:`tuner.warm_start`), known to TPE from
+    the start: they go into the study that Ray's OptunaSearch loads."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -74,5 +99,11 @@ def make_searcher(space: SearchSpace, fixed_approach: str, seed: int, num_trials
     )
     # the first trials cover every approach once, so no study misses one by sampling luck
     first = [{"approach": str(a)} for a in space.common["approach"].choice] if "approach" in space.common else None
+    storage = name = None
+    if warm_trials:
+        storage, name = optuna.storages.InMemoryStorage(), "warm-started"
+        optuna.create_study(storage=storage, study_name=name,
+                            direction="minimize" if mode == "min" else "maximize").add_trials(list(warm_trials))
     return PruningAwareOptunaSearch(space=DefineByRun(space, fixed_approach), sampler=sampler,
-                                    metric=metric, mode=mode, max_epochs=max_epochs, points_to_evaluate=first)
+                                    metric=metric, mode=mode, max_epochs=max_epochs, points_to_evaluate=first,
+                                    storage=storage, study_name=name)

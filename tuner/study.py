@@ -57,10 +57,13 @@ def _concurrency(study: StudyConfig, res: dict[str, float], cluster: dict[str, f
     return max(1, int(min(fits) + 1e-9))
 
 
-def run_study(path: Path, overrides: list[str], name: str | None, address: str | None) -> StudyRecord:
+def run_study(path: Path, overrides: list[str], name: str | None, address: str | None,
+              warm_start: str | None = None) -> StudyRecord:
+    """Start a study; ``warm_start`` names an earlier one whose trials Optuna starts from."""
     from ray import tune
 
     study, space = load_study(path, overrides)
+    old = StudyRecord.load(warm_start) if warm_start else None
     name = name or f"{Path(path).stem}-{datetime.now():%Y%m%d-%H%M%S}"
     check_name(name)
     if (StudyRecord.folder(name) / "study.json").exists():
@@ -74,6 +77,13 @@ def run_study(path: Path, overrides: list[str], name: str | None, address: str |
     data = load_dataset(study.data)  # bad data fails here, before Ray starts
     uri = tracking.resolve_tracking_uri(study.tracking.tracking_uri)
     tracking.require_server(uri)
+    warm: list = []
+    if old is not None:
+        from tuner.warm_start import warm_trials
+
+        warm, notes = warm_trials(old, study, space)
+        console.print(f"[bold]warm start[/] from {old.name}: {len(warm)} trial(s) carried over"
+                      + ("".join(f"\n  {n}" for n in notes) if notes else ""), soft_wrap=True)
     connect(address)
     import ray
 
@@ -83,8 +93,10 @@ def run_study(path: Path, overrides: list[str], name: str | None, address: str |
     res = check_resources(study, str(path), ray.cluster_resources())
     c = R.client(uri)
     exp_id = tracking.experiment_id(c, study.tracking.experiment, study.tracking.artifact_location)
-    parent_run_id = R.open_study_run(c, exp_id, name, {"data_fingerprint": data.fingerprint(),
-                                                       "versions": json.dumps(_versions())})
+    tags = {"data_fingerprint": data.fingerprint(), "versions": json.dumps(_versions())}
+    if old is not None:
+        tags.update({"warm_start": old.name, "warm_start_trials": str(len(warm))})
+    parent_run_id = R.open_study_run(c, exp_id, name, tags)
     rec = StudyRecord(name=name, source=str(Path(path).resolve()), config=study.model_dump(mode="json"),
                       tracking_uri=uri, experiment_id=exp_id, parent_run_id=parent_run_id,
                       storage_path=study.storage or str(home() / "ray_results"),
@@ -97,7 +109,7 @@ def run_study(path: Path, overrides: list[str], name: str | None, address: str |
         c.log_text(rec.parent_run_id, json.dumps(rec.config, indent=2), "study_config.json")
         c.log_text(rec.parent_run_id, json.dumps(space.describe(), indent=2), "search_space.json")
         tuner = tune.Tuner(_trainable(rec, res),
-                           tune_config=_tune_config(study, space, _concurrency(study, res, ray.cluster_resources())),
+                           tune_config=_tune_config(study, space, _concurrency(study, res, ray.cluster_resources()), warm),
                            run_config=_run_config(rec, study))
     except BaseException as e:  # the parent run must not stay RUNNING
         finish_study(rec, interrupted=True, seconds=0.0, reason=f"{type(e).__name__}: {e}")
@@ -132,7 +144,7 @@ def resume_study(name: str, address: str | None) -> StudyRecord:
     return _fit(tuner, rec)
 
 
-def _tune_config(study: StudyConfig, space, max_concurrent: int | None):
+def _tune_config(study: StudyConfig, space, max_concurrent: int | None, warm_trials: list = ()):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -145,7 +157,7 @@ def _tune_config(study: StudyConfig, space, max_concurrent: int | None):
     return tune.TuneConfig(
         metric=study.metric, mode=study.mode, num_samples=study.num_trials, scheduler=scheduler,
         search_alg=make_searcher(space, study.approach, study.seed, study.num_trials, sch.max_epochs,
-                                 study.metric, study.mode),
+                                 study.metric, study.mode, warm_trials),
         max_concurrent_trials=max_concurrent,
         reuse_actors=_reuse_actors(study), time_budget_s=study.time_budget_s,
     )

@@ -14,7 +14,7 @@ from trainables import layout as L
 from trainables import params as P
 from trainables import runs as R
 from trainables.errors import OOM_REASON
-from tuner import storage
+from tuner import importance, storage
 from tuner.console import console
 
 SHOWN = ("training.learning_rate", "lora.r", "training.batch_size")
@@ -133,6 +133,8 @@ def write_study_report(rec, df: pd.DataFrame, seconds: float, folder: Path) -> d
     if len(df):
         df.drop(columns=["_history"]).to_csv(folder / "trials.csv", index=False)
         plot_metric_by_epoch(rec, df, folder / "metric_by_epoch.png")
+        importance.write_plots(rec, df, folder)
+    summary["param_importances"] = importance.importances(rec, df)
     (folder / "summary.json").write_text(json.dumps({**summary, "seconds": seconds}, indent=2))
     metrics = {"epochs_run": summary["epochs_run"], "compute_saved": summary["compute_saved"],
                "gpu_hours": summary["gpu_hours"], "wall_seconds": seconds,
@@ -170,6 +172,10 @@ def print_status(rec, df: pd.DataFrame | None = None) -> None:
                       f"{s.metric} {best[f'best_{s.metric}']:.4f} after {best['epochs']} epochs; run "
                       f"{run_link(rec.tracking_uri, rec.experiment_id, best['run_id']) or best['run_id']}", soft_wrap=True)
         console.print("  " + ", ".join(f"{k}={v}" for k, v in sorted(params.items())))
+    top = list(importance.importances(rec, df).items())[:3]
+    if top:
+        console.print("[bold]most important[/] (fANOVA over the trials' best values): "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in top), soft_wrap=True)
     console.print(f"[bold]compute[/]: {summary['epochs_run']} epochs run of {summary['epochs_without_early_stopping']} "
                   f"without early stopping (saved {summary['compute_saved']:.0%}); "
                   f"GPU-hours {summary['gpu_hours']:.3f}; states {summary['states']}"

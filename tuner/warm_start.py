@@ -1,0 +1,80 @@
+"""``run --warm-start OLD``: an earlier study's trials, as MLflow recorded them, given to Optuna as
+trials of the new study wherever the two search spaces agree (for tuning the same task again on new
+data). A trial that ran to the end becomes a complete trial with its final value; one that ASHA
+stopped a pruned trial with its per-epoch values, as the old study's Optuna saw them."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from trainables import params as P
+from trainables.errors import InputError
+from tuner.searcher import mlflow_value, optuna_distribution
+from tuner.study_config import Distribution, SearchSpace, StudyConfig
+
+
+def _inside(v, d: Distribution) -> bool:
+    if d.kind == "choice":
+        return True  # mlflow_value only returns listed choices
+    lo, hi = getattr(d, d.kind)
+    return lo <= v <= hi
+
+
+def warm_trials(old, study: StudyConfig, space: SearchSpace) -> tuple[list, list[str]]:
+    """Optuna trials for ``study`` from the finished trials of study record ``old``, and one line per
+    parameter that could not be carried over (in full or for some trials)."""
+    import optuna
+
+    from tuner.summary import study_rows
+
+    if old.study.metric != study.metric or (old.study.mode or "") != (study.mode or ""):
+        raise InputError(f"--warm-start {old.name}: it optimised {old.study.metric} ({old.study.mode}), this study "
+                         f"{study.metric} ({study.mode}); their values do not compare")
+    df = study_rows(old)
+    approaches = space.approaches(study.approach)
+    trials, outside, missing, other_approach = [], {}, {}, 0
+    old_keys = {k for k in df.columns if "." in k or k == "approach"} if len(df) else set()
+    for _, row in df.iterrows():
+        history = [v for _, v in row["_history"] if not math.isnan(v)]
+        if row["state"] not in ("completed", "stopped_early") or not history:
+            continue
+        approach = row.get("approach") or old.study.approach
+        if approach not in approaches:
+            other_approach += 1
+            continue
+        params, dists = {}, {}
+        keys = [(k, k, d) for k, d in space.common.items()] + \
+               [(P.sampled_name(k, approach), k, d) for k, d in space.blocks.get(approach, {}).items()]
+        for name, key, d in keys:
+            raw = approach if key == "approach" else row.get(key)
+            if not isinstance(raw, str):
+                missing[key] = missing.get(key, 0) + 1
+                continue
+            try:
+                v = mlflow_value(raw, d)
+            except ValueError:
+                v = None
+            if v is None or not _inside(v, d):
+                outside[key] = outside.get(key, 0) + 1
+                continue
+            params[name], dists[name] = v, optuna_distribution(d)
+        if row["state"] == "completed":
+            trial = optuna.trial.create_trial(params=params, distributions=dists, value=history[-1])
+        else:
+            trial = optuna.trial.create_trial(params=params, distributions=dists, state=optuna.trial.TrialState.PRUNED,
+                                              intermediate_values=dict(enumerate(history, 1)))
+        trials.append(trial)
+    notes = [f"{k}: not searched by {old.name} ({n} trial(s) carried over without it)" for k, n in missing.items()]
+    notes += [f"{k}: outside this space in {n} trial(s) (carried over without it)" for k, n in outside.items()]
+    dropped = sorted(old_keys - {k for k in space.common} - {k for b in space.blocks.values() for k in b}
+                     - {"approach"})
+    notes += [f"{k}: not in this space (the old values are ignored)" for k in dropped if _searched(df, k)]
+    if other_approach:
+        notes.append(f"approach: {other_approach} trial(s) of approaches this study does not search were left out")
+    return trials, notes
+
+
+def _searched(df: pd.DataFrame, key: str) -> bool:
+    return key in df.columns and df[key].notna().any()
