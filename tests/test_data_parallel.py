@@ -80,10 +80,15 @@ def test_study_with_two_worker_trials_on_gloo(tmp_path, yaml_file, ray_cluster, 
         assert [m.value for m in workers] == [2.0] * len(steps)
         if r.data.tags[R.STATE_TAG] == "completed":  # what promotion downloads
             assert "model/adapter" in {a.path for a in c.list_artifacts(r.info.run_id, "model")}
-    # Tune holds every trial's checkpoints (state to resume, model to promote) ...
+    # Tune holds the checkpoints (state to resume, model to promote) of every trial not stopped early
+    # (a stopped trial's best adapter is in MLflow, and its checkpoints are dropped) ...
     trial_dirs = [d for d in Path(rec.experiment_path).iterdir() if d.name.startswith("train_trial")]
     assert len(trial_dirs) == 3
+    state_of = {r.data.tags[R.TRIAL_TAG]: r.data.tags[R.STATE_TAG] for r in runs}
     for d in trial_dirs:
+        if next(s for t, s in state_of.items() if t in d.name) == "stopped_early":
+            assert not list(d.glob("checkpoint_*")), d
+            continue
         assert list(d.glob("checkpoint_*/state/trainable.safetensors")), d
         assert list(d.glob("checkpoint_*/model/adapter/adapter_config.json")), d
     # ... and the Ray Train runs' own copies are gone

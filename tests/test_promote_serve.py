@@ -65,6 +65,33 @@ def test_promote_registers_with_lineage_and_alias(promoted):
     assert {"test/confusion_test.png", "test/confusion_test.json"} <= {a.path for a in c.list_artifacts(prun.info.run_id, "test")}
 
 
+def test_promote_refit_trains_on_train_and_eval_and_keeps_both_test_figures(promoted):
+    """--refit trains the best trial's configuration again on train + eval for the epochs its adapter
+    was selected at, registers that model, and records its test figures beside those without refit."""
+    import json
+
+    from trainables.data import load_dataset
+    from tuner.refs import local_model_folder
+
+    p = run_cli("promote", promoted.name, "--model-name", "tiny-refit", "--refit")
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    c = R.client(promoted.tracking_uri)
+    mv = c.get_model_version_by_alias("tiny-refit", "champion")
+    data = load_dataset(promoted.study.data)
+    assert mv.tags["refit"] == "true" and int(mv.tags["refit_train_rows"]) == len(data.train) + len(data.eval)
+    prun = c.get_run(mv.tags["promotion_run_id"])
+    for k in ("accuracy", "f1_macro"):
+        assert float(mv.tags[f"test_{k}"]) == pytest.approx(prun.data.metrics[f"test_{k}"], abs=1e-6)
+        assert float(mv.tags[f"test_{k}_without_refit"]) == pytest.approx(prun.data.metrics[f"test_{k}_without_refit"], abs=1e-6)
+    assert prun.data.metrics["test_accuracy"] >= 0.9, prun.data.metrics  # the toy data is learnt (chance 0.5)
+    os.environ["MLFLOW_TRACKING_URI"] = promoted.tracking_uri
+    folder = local_model_folder("models:/tiny-refit@champion")
+    info = json.loads((folder / "run_info.json").read_text())
+    trial = c.get_run(mv.tags["trial_run_id"])
+    assert info["best_epoch"] == int(mv.tags["refit_epochs"]) <= int(trial.data.params["training.epochs"])
+    assert "refit on train + eval" in p.stdout
+
+
 def test_promote_refuses_a_worse_model_unless_forced(promoted):
     c = R.client(promoted.tracking_uri)
     mv = c.get_model_version_by_alias("tiny-champion", "champion")

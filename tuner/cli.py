@@ -135,11 +135,12 @@ def promote(
     model_name: Annotated[Optional[str], typer.Option("--model-name", help="Registered model name (default: qlora-tune-STUDY).")] = None,
     alias: Annotated[str, typer.Option(help="Alias to point at the new version.")] = "champion",
     force: Annotated[bool, typer.Option(help="Move the alias even if the current holder is better on test.")] = False,
+    refit: Annotated[bool, typer.Option(help="Train the best configuration again on train + eval (for the epochs its adapter was selected at) and register that.")] = False,
 ):
     """Evaluate the best trial on the test split, register it in MLflow and set the alias."""
     from tuner.promote import promote as do_promote
 
-    do_promote(name, metric, model_name, alias, force)
+    do_promote(name, metric, model_name, alias, force, refit)
 
 
 @app.command()

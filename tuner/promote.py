@@ -11,7 +11,11 @@ from trainables.errors import InputError
 from tuner.console import console
 
 
-def promote(name: str, metric: str | None, model_name: str | None, alias: str, force: bool) -> dict:
+def promote(name: str, metric: str | None, model_name: str | None, alias: str, force: bool,
+            refit: bool = False) -> dict:
+    """Register the best trial's model. ``refit`` trains its configuration again on train plus eval
+    for the number of epochs its adapter was selected at, and registers that model instead; the
+    registry keeps both test figures."""
     import mlflow
 
     from trainables.data import load_dataset
@@ -37,6 +41,16 @@ def promote(name: str, metric: str | None, model_name: str | None, alias: str, f
         clf = Classifier(folder)
         pred = clf.predict(data.test.texts)
         rep = report(data.test.labels, pred.probabilities.argmax(1), data.label_names)
+        refit_tags: dict[str, str] = {}
+        if refit:
+            before = rep
+            folder, clf, epochs, rows = _refit(folder, data, Path(d) / "refit")
+            pred = clf.predict(data.test.texts)
+            rep = report(data.test.labels, pred.probabilities.argmax(1), data.label_names)
+            refit_tags = {"refit": "true", "refit_epochs": str(epochs), "refit_train_rows": str(rows),
+                          **{f"test_{k}_without_refit": f"{before[k]:.6f}" for k in ("accuracy", "f1_macro")}}
+            console.print(f"refit on train + eval ({rows} rows, {epochs} epoch(s)): test accuracy "
+                          f"{rep['accuracy']:.4f} (without refit {before['accuracy']:.4f})")
         key = metric.removeprefix("eval_")
         test_value = rep[key] if key != "loss" else None
         if test_value is None:  # loss: use accuracy for the guard
@@ -47,6 +61,9 @@ def promote(name: str, metric: str | None, model_name: str | None, alias: str, f
                 "data_fingerprint": rec.data_fingerprint, "approach": str(best["approach"])}
         with R.promotion_run(rec.tracking_uri, rec.experiment_id, f"promote {best['trial_id']}", tags) as run:
             mlflow.log_metrics({f"test_{k}": rep[k] for k in ("accuracy", "f1_macro", "balanced_accuracy")})
+            if refit:
+                mlflow.log_metrics({f"test_{k}_without_refit": before[k] for k in ("accuracy", "f1_macro", "balanced_accuracy")})
+                mlflow.set_tags(refit_tags)
             mlflow.log_metric(f"eval_{metric.removeprefix('eval_')}", float(best[col]))
             plots = Path(d) / "test-plots"
             write_reports({"test": rep}, plots)
@@ -56,7 +73,7 @@ def promote(name: str, metric: str | None, model_name: str | None, alias: str, f
             "study": name, "trial_id": str(best["trial_id"]), "trial_run_id": best["run_id"],
             "promotion_run_id": run.info.run_id, "data_fingerprint": rec.data_fingerprint,
             "approach": str(best["approach"]), f"test_{key}": f"{test_value:.6f}",
-            "test_accuracy": f"{rep['accuracy']:.6f}", metric: f"{float(best[col]):.6f}",
+            "test_accuracy": f"{rep['accuracy']:.6f}", metric: f"{float(best[col]):.6f}", **refit_tags,
         })
     c.set_registered_model_alias(model_name, alias, mv.version)
     console.print(f"[bold]registered[/] {model_name} version {mv.version} as @{alias}: "
@@ -64,6 +81,29 @@ def promote(name: str, metric: str | None, model_name: str | None, alias: str, f
     console.print(f"use it: qlora-tune predict --model models:/{model_name}@{alias} --text \"...\"")
     return {"model_name": model_name, "version": mv.version, "alias": alias, "test": rep,
             "uri": f"models:/{model_name}@{alias}"}
+
+
+def _refit(folder: Path, data, out: Path):
+    """Train the configuration in model folder ``folder`` again on train + eval, for the epochs its
+    adapter was selected at (no eval split left to select on: the last epoch is kept). Returns the
+    new folder, its classifier, the epochs and the training rows."""
+    import json
+
+    import yaml
+
+    from trainables.config import RunConfig
+    from trainables.data import Dataset, Split
+    from trainables.loop import Trainer
+    from trainables.predict import Classifier
+
+    cfg = RunConfig.model_validate(yaml.safe_load((folder / L.CONFIG).read_text()))
+    cfg.training.epochs = int(json.loads((folder / L.RUN_INFO).read_text()).get("best_epoch") or cfg.training.epochs)
+    both = Split(data.train.texts + data.eval.texts, data.train.labels + data.eval.labels)
+    trainer = Trainer(cfg, Dataset(data.label_names, both, None, data.test, sources=data.sources),
+                      log=lambda line: console.print(f"refit {line}"))
+    out = trainer.save_output(out, trainer.fit())
+    del trainer
+    return out, Classifier(out), cfg.training.epochs, len(both.texts)
 
 
 def best_trial(rec, metric: str):
