@@ -329,6 +329,30 @@ def test_trials_out_of_gpu_memory_end_errored_unretried_and_counted(tmp_path, ya
     assert f"{n} ran out of GPU memory" in p.stdout, p.stdout[-2000:]
 
 
+def test_a_trial_cut_by_the_time_budget_keeps_its_best_epoch(tmp_path, yaml_file, ray_cluster, mlflow_server):
+    """The time budget ends the study with its trial mid-way: the trial's best epoch so far counts (its
+    run ends stopped early, with the model of its newest checkpoint) and promotion may pick it."""
+    cfg = tiny_study(learnable_csv(tmp_path / "d.csv", repeats=40), num_trials=1, time_budget_s=45,
+                     **{"scheduler.type": "none", "scheduler.max_epochs": 200})
+    cfg["search"] = {"approach": {"choice": ["head"]}}
+    p = run_cli("run", yaml_file(cfg), "--name", "budget", "--address", ray_cluster, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    from tuner.records import StudyRecord
+
+    rec = StudyRecord.load("budget")
+    c, runs = _children(rec)
+    assert len(runs) == 1
+    r = c.get_run(runs[0].info.run_id)
+    epochs = max(m.step for m in c.get_metric_history(r.info.run_id, rec.study.metric))
+    assert 1 <= epochs < 200
+    assert r.data.tags[R.STATE_TAG] == "stopped_early" and r.info.status == "FINISHED"
+    assert r.data.tags[R.REASON_TAG] == f"stopped by the time budget after epoch {epochs}"
+    assert "model/adapter" in {a.path for a in c.list_artifacts(r.info.run_id, "model")}
+    assert c.get_run(rec.parent_run_id).data.tags["best_trial_id"] == r.data.tags[R.TRIAL_TAG]
+    p = run_cli("promote", "budget", "--model-name", "budget-model")
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+
+
 def test_ctrl_c_stops_cleanly_and_the_study_resumes(tmp_path, yaml_file, ray_cluster, mlflow_server):
     cfg = tiny_study(learnable_csv(tmp_path / "d.csv", repeats=400), num_trials=3,
                      **{"scheduler.type": "none", "scheduler.max_epochs": 3})

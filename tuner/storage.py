@@ -3,6 +3,8 @@ trials that no longer need them. Reads and deletes through pyarrow's filesystems
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def _fs(location: str):
     import pyarrow.fs as pafs
@@ -44,3 +46,20 @@ def drop_checkpoints(trial) -> int:
         freed += tree_bytes(fs, path)
         fs.delete_dir(path)
     return freed
+
+
+def latest_model(experiment_path: str, trial_id: str, dest: Path) -> Path | None:
+    """The model folder (best epoch so far) of a trial's newest checkpoint, copied to ``dest``; None
+    when the trial wrote no checkpoint."""
+    import pyarrow.fs as pafs
+
+    fs, path = _fs(experiment_path)
+    trial_dirs = [i.path for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+                  if i.type == pafs.FileType.Directory and trial_id in i.base_name]
+    ckpts = sorted(c for t in trial_dirs for c in checkpoint_dirs(fs, t))
+    for ckpt in reversed(ckpts):
+        model = f"{ckpt}/model"
+        if fs.get_file_info(model).type == pafs.FileType.Directory:
+            pafs.copy_files(model, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+            return dest
+    return None

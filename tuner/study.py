@@ -10,6 +10,7 @@ from datetime import datetime
 from pathlib import Path
 
 from trainables import compat
+from trainables import layout as L
 from trainables import runs as R
 from trainables.errors import InputError
 from trainables.paths import home
@@ -229,7 +230,10 @@ def finish_study(rec: StudyRecord, interrupted: bool, seconds: float, reason: st
     c = R.client(rec.tracking_uri)
     for run in R.find_runs(c, rec.experiment_id, rec.name, "trial", parent_run_id=rec.parent_run_id):
         if run.info.status == "RUNNING":
-            R.set_state(c, run.info.run_id, R.RunState.INTERRUPTED)
+            if interrupted:
+                R.set_state(c, run.info.run_id, R.RunState.INTERRUPTED)
+            else:  # the study ended on its time budget with this trial mid-way
+                _close_cut_by_budget(c, rec, run)
     df = study_rows(rec)
     with tempfile.TemporaryDirectory() as d:
         metrics = write_study_report(rec, df, seconds, Path(d))
@@ -245,6 +249,23 @@ def finish_study(rec: StudyRecord, interrupted: bool, seconds: float, reason: st
     rec.save()
     if not interrupted:
         print_status(rec, df)
+
+
+def _close_cut_by_budget(c, rec: StudyRecord, run) -> None:
+    """A trial the time budget cut keeps its best epoch: the model folder of its newest checkpoint
+    goes to its run, which ends stopped early (promotion may pick it); without a checkpoint it ends
+    interrupted."""
+    from tuner import storage
+
+    epochs = max((m.step for m in c.get_metric_history(run.info.run_id, rec.study.metric)), default=0)
+    with tempfile.TemporaryDirectory() as d:
+        model = storage.latest_model(rec.experiment_path, run.data.tags[R.TRIAL_TAG], Path(d) / "model") \
+            if epochs else None
+        if model is None:
+            R.set_state(c, run.info.run_id, R.RunState.INTERRUPTED, "stopped by the time budget before its first epoch")
+            return
+        c.log_artifacts(run.info.run_id, str(model), L.RUN_MODEL_ARTIFACT)
+    R.set_state(c, run.info.run_id, R.RunState.STOPPED_EARLY, f"stopped by the time budget after epoch {epochs}")
 
 
 def _versions() -> dict[str, str]:
