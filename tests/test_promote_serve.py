@@ -89,6 +89,11 @@ def test_promote_refit_trains_on_train_and_eval_and_keeps_both_test_figures(prom
     info = json.loads((folder / "run_info.json").read_text())
     trial = c.get_run(mv.tags["trial_run_id"])
     assert info["best_epoch"] == int(mv.tags["refit_epochs"]) <= int(trial.data.params["training.epochs"])
+    # the registered model was trained on train + eval (its data fingerprint), not the trial's split
+    from trainables.data import Dataset, Split
+
+    both = Split(data.train.texts + data.eval.texts, data.train.labels + data.eval.labels)
+    assert info["data_fingerprint"] == Dataset(data.label_names, both, None, data.test).fingerprint()
     assert "refit on train + eval" in p.stdout
 
 

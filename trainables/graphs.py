@@ -103,14 +103,13 @@ class GraphedScorer:
 
     def _fill(self, static: Batch, batch: Batch) -> None:
         rows, length = batch["input_ids"].shape
-        for k, buf in static.items():
-            src = batch[k].to(self.dev, non_blocking=True)
+        for k, buf in static.items():  # one host-to-device copy per tensor, straight into the buffer
             if buf.dim() == 2:
                 buf.fill_(self.pad if k == "input_ids" else 0)
-                buf[:rows, :length].copy_(src)
+                buf[:rows, :length].copy_(batch[k], non_blocking=True)
             else:
                 buf.zero_()
-                buf[:rows].copy_(src)
+                buf[:rows].copy_(batch[k], non_blocking=True)
         static["attention_mask"][rows:, 0] = 1  # filler rows: one visible pad token (no empty softmax)
 
     def _build(self, key: tuple[int, int], like: Batch) -> _Captured:

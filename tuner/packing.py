@@ -53,13 +53,10 @@ def resolve_auto_gpu(study: StudyConfig, space: SearchSpace, source: str, label_
         from trainables.footprint import measure
 
         task = ray.remote(num_gpus=1, num_cpus=1)(measure)
-        worst = None
-        for approach in space.approaches(study.approach):
-            cfg = largest_settings(study, space, approach)
-            fp = ray.get(task.remote(cfg, label_names))
-            if worst is None or fp.peak_bytes > worst[0].peak_bytes:
-                worst = (fp, cfg)
-        gpu = share_of_card(*worst, cluster, r.cpu, source)
+        cfgs = [largest_settings(study, space, a) for a in space.approaches(study.approach)]
+        fps = ray.get([task.remote(cfg, label_names) for cfg in cfgs])  # at once where there are GPUs for it
+        fp, cfg = max(zip(fps, cfgs), key=lambda pair: pair[0].peak_bytes)
+        gpu = share_of_card(fp, cfg, cluster, r.cpu, source)
     return study.model_copy(update={"resources_per_trial": r.model_copy(update={"gpu": gpu})})
 
 

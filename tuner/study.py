@@ -225,7 +225,7 @@ def _fit(tuner, rec: StudyRecord) -> StudyRecord:
 def finish_study(rec: StudyRecord, interrupted: bool, seconds: float, reason: str | None = None) -> None:
     """End the study: trial runs still open become interrupted, the parent run gets the report
     (files and headline metrics, its best trial tagged) and its final state, and so does the record."""
-    from tuner.summary import best_row, print_status, study_rows, write_study_report
+    from tuner.summary import best_row, compute_summary, print_status, study_rows, write_study_report
 
     c = R.client(rec.tracking_uri)
     for run in R.find_runs(c, rec.experiment_id, rec.name, "trial", parent_run_id=rec.parent_run_id):
@@ -235,8 +235,9 @@ def finish_study(rec: StudyRecord, interrupted: bool, seconds: float, reason: st
             else:  # the study ended on its time budget with this trial mid-way
                 _close_cut_by_budget(c, rec, run)
     df = study_rows(rec)
+    summary = compute_summary(rec, df)
     with tempfile.TemporaryDirectory() as d:
-        metrics = write_study_report(rec, df, seconds, Path(d))
+        metrics = write_study_report(rec, df, summary, seconds, Path(d))
         c.log_artifacts(rec.parent_run_id, d)
     R.log_metrics(c, rec.parent_run_id, metrics, step=0)
     best = best_row(rec, df)
@@ -248,7 +249,7 @@ def finish_study(rec: StudyRecord, interrupted: bool, seconds: float, reason: st
     rec.state = state.value
     rec.save()
     if not interrupted:
-        print_status(rec, df)
+        print_status(rec, df, summary)
 
 
 def _close_cut_by_budget(c, rec: StudyRecord, run) -> None:

@@ -109,6 +109,8 @@ def plot_metric_by_epoch(rec, df: pd.DataFrame, path: Path) -> None:
 
 
 def compute_summary(rec, df: pd.DataFrame) -> dict:
+    """The study's figures: states, compute, storage (a walk of the study's storage) and parameter
+    importances (a fANOVA fit). Computed once per report: pass it on rather than computing it again."""
     s = rec.study
     epochs = int(df["epochs"].sum()) if len(df) else 0
     budget = s.num_trials * s.scheduler.max_epochs
@@ -122,19 +124,18 @@ def compute_summary(rec, df: pd.DataFrame) -> dict:
             "storage_bytes": sum(sizes), "storage_bytes_per_trial_max": max(sizes, default=0),
             "epochs_run": epochs, "epochs_without_early_stopping": budget,
             "compute_saved": 1 - epochs / budget if budget else 0.0,
-            "gpu_hours": float(df["gpu_seconds"].sum()) / 3600 if len(df) else 0.0}
+            "gpu_hours": float(df["gpu_seconds"].sum()) / 3600 if len(df) else 0.0,
+            "param_importances": importance.importances(rec, df)}
 
 
-def write_study_report(rec, df: pd.DataFrame, seconds: float, folder: Path) -> dict[str, float]:
-    """The study's report files in ``folder`` (``trials.csv``, ``metric_by_epoch.png``,
-    ``summary.json``, the best trial's config); returns the study's headline metrics."""
-    summary = compute_summary(rec, df)
+def write_study_report(rec, df: pd.DataFrame, summary: dict, seconds: float, folder: Path) -> dict[str, float]:
+    """The study's report files in ``folder`` (``trials.csv``, ``metric_by_epoch.png``, the importance
+    plots, ``summary.json``, the best trial's config); returns the study's headline metrics."""
     best = best_row(rec, df)
     if len(df):
         df.drop(columns=["_history"]).to_csv(folder / "trials.csv", index=False)
         plot_metric_by_epoch(rec, df, folder / "metric_by_epoch.png")
         importance.write_plots(rec, df, folder)
-    summary["param_importances"] = importance.importances(rec, df)
     (folder / "summary.json").write_text(json.dumps({**summary, "seconds": seconds}, indent=2))
     metrics = {"epochs_run": summary["epochs_run"], "compute_saved": summary["compute_saved"],
                "gpu_hours": summary["gpu_hours"], "wall_seconds": seconds,
@@ -150,10 +151,10 @@ def write_study_report(rec, df: pd.DataFrame, seconds: float, folder: Path) -> d
     return metrics
 
 
-def print_status(rec, df: pd.DataFrame | None = None) -> None:
+def print_status(rec, df: pd.DataFrame | None = None, summary: dict | None = None) -> None:
     s = rec.study
     df = study_rows(rec) if df is None else df
-    summary = compute_summary(rec, df)
+    summary = summary or compute_summary(rec, df)
     t = Table(title=f"study {rec.name} ({rec.state})", title_justify="left")
     shown = [k for k in SHOWN if k in df.columns]
     cols = ["trial_id", "state", "approach", *shown, "epochs", f"best_{s.metric}", "gpu_seconds", "reason"]
@@ -172,7 +173,7 @@ def print_status(rec, df: pd.DataFrame | None = None) -> None:
                       f"{s.metric} {best[f'best_{s.metric}']:.4f} after {best['epochs']} epochs; run "
                       f"{run_link(rec.tracking_uri, rec.experiment_id, best['run_id']) or best['run_id']}", soft_wrap=True)
         console.print("  " + ", ".join(f"{k}={v}" for k, v in sorted(params.items())))
-    top = list(importance.importances(rec, df).items())[:3]
+    top = list(summary["param_importances"].items())[:3]
     if top:
         console.print("[bold]most important[/] (fANOVA over the trials' best values): "
                       + ", ".join(f"{k} {v:.2f}" for k, v in top), soft_wrap=True)
