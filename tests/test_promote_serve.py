@@ -248,6 +248,25 @@ def test_each_replica_serves_both_versions_over_one_base(server):
         assert st["bases"] == 1, st  # two head adapters attached to one quantized base
 
 
+def test_http_reaches_the_replicas_through_haproxy(server):
+    """The port is HAProxy's, and it hands requests straight to the replicas (Ray's direct ingress),
+    each on a loopback port of its own: no Python proxy in between."""
+    import psutil
+
+    port = int(server.rsplit(":", 1)[1])
+    listening = {}
+    for proc in psutil.process_iter(["name", "pid"]):
+        try:
+            for c in proc.net_connections("tcp"):
+                if c.status == psutil.CONN_LISTEN:
+                    listening[(c.laddr.ip, c.laddr.port)] = proc.info["name"]
+        except (psutil.AccessDenied, psutil.NoSuchProcess):
+            continue
+    assert listening.get(("127.0.0.1", port)) == "haproxy", listening.get(("127.0.0.1", port))
+    replicas = {a for a, name in listening.items() if name.startswith("ray::ServeRepli") and 30000 <= a[1] < 31000}
+    assert len(replicas) >= 2 and all(ip == "127.0.0.1" for ip, _ in replicas), replicas
+
+
 def test_concurrent_requests_are_coalesced_into_batches(server):
     from concurrent.futures import ThreadPoolExecutor
 
@@ -319,3 +338,8 @@ def test_a_killed_replica_is_replaced_and_only_its_requests_in_flight_fail(serve
 def test_serve_refuses_non_loopback_without_insecure(cli, tmp_path):
     code, _, err = cli("serve", str(tmp_path), "--host", "0.0.0.0")
     assert code == 2 and "--insecure" in err
+
+
+def test_serve_names_an_unknown_ingress(cli, tmp_path):
+    code, _, err = cli("serve", str(tmp_path), "--ingress", "nginx")
+    assert code == 2 and "--ingress nginx: choose one of haproxy, proxy" in err, err

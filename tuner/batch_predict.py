@@ -4,6 +4,7 @@ with its progress bar, and the driver writes the output rows in input order as t
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -76,8 +77,10 @@ def _read(path: Path):
 
 
 def predict_on_cluster(folder: Path, input: Path, output: Path, column: str, address: str,
-                       batch_size: int | None, workers: int | None, gpus_per_worker: float) -> int:
-    """Label every row of ``input`` into ``output``; returns the number of rows."""
+                       batch_size: int | None, workers: int | None, gpus_per_worker: float,
+                       timings: dict | None = None) -> int:
+    """Label every row of ``input`` into ``output``; returns the number of rows. ``timings`` (if
+    given) gets ``first_rows_s`` and ``total_s``: when the first labelled rows and the last arrived."""
     import ray
     import ray.data
 
@@ -95,17 +98,25 @@ def predict_on_cluster(folder: Path, input: Path, output: Path, column: str, add
     columns = ds.columns()
     if column not in columns:
         raise InputError(f"{input}: no text column '{column}' (columns: {', '.join(columns[:20])}); pass --text-column")
+    rows_per_task = 4 * (batch_size or 256)  # four forward passes per task (1,024 rows by default)
+    # one input file reads as one block, and a block goes to one actor whole: split it as it streams,
+    # so that every actor gets work and labelled rows flow out while the rest is computed
+    ds = ds.repartition(target_num_rows_per_block=rows_per_task)
     labelled = ds.map_batches(Predictor, fn_constructor_kwargs={"files": _pack(Path(folder)), "column": column,
                                                                 "batch_size": batch_size},
-                              batch_size=max(batch_size or 0, 1024), batch_format="pandas",
+                              batch_size=rows_per_task, batch_format="pandas",
                               compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=gpus_per_worker, num_cpus=1)
-    rows = 0
+    rows, t0 = 0, time.perf_counter()
     try:
         with atomic_table_writer(output) as write:
             for batch in labelled.iter_batches(batch_size=None, batch_format="pyarrow"):
+                if not rows and timings is not None:
+                    timings["first_rows_s"] = round(time.perf_counter() - t0, 2)
                 write(batch.replace_schema_metadata(None).to_pandas())  # plain NumPy dtypes
                 rows += batch.num_rows
     except ray.exceptions.RayTaskError as e:
         raise InputError(f"{input}: {_reason(e)}") from None
+    if timings is not None:
+        timings["total_s"] = round(time.perf_counter() - t0, 2)
     console.print(f"wrote {rows} predictions to {output} ({workers} worker(s), {gpus_per_worker:g} GPU each)")
     return rows

@@ -161,9 +161,13 @@ def serve(
     max_text_chars: Annotated[int, typer.Option(help="Longest text accepted.")] = 20_000,
     merge: Annotated[bool, typer.Option("--merge/--no-merge", help="Fold each adapter into a dequantized base (fast), or keep the base 4-bit (less memory).")] = True,
     access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="Serve's log line per request (costs about a sixth of the requests per second).")] = False,
+    ingress: Annotated[str, typer.Option(help="HTTP ingress of a cluster serve starts: haproxy (straight to the replicas, which share the HTTP work) or proxy (Ray Serve's Python proxy). With --address, the cluster's own (RAY_SERVE_ENABLE_HA_PROXY at `ray start`).")] = "haproxy",
 ):
     """Serve classifiers on Ray Serve with request batching: POST /predict {"texts": [...]}."""
-    from tuner.serve import Batching, Limits, Scaling, serve_models
+    from tuner.serve import INGRESSES, Batching, Limits, Scaling, serve_models
+
+    if ingress not in INGRESSES:
+        raise InputError(f"serve: --ingress {ingress}: choose one of {', '.join(INGRESSES)}")
 
     if (min_replicas is not None) and not max_replicas:
         raise InputError("serve: --min-replicas needs --max-replicas")
@@ -177,7 +181,7 @@ def serve(
     serve_models(models, host, port, insecure, address,
                  Scaling(replicas, min_replicas, max_replicas, gpus_per_replica, cpus_per_replica),
                  Batching(max_batch_size, batch_wait_ms), Limits(max_texts=max_texts, max_text_chars=max_text_chars),
-                 merge, access_log)
+                 merge, access_log, ingress)
 
 
 @app.command()
