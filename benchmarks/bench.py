@@ -54,13 +54,27 @@ def subset(n: int) -> Path:
     return out
 
 
+def model_ref() -> str:
+    """The embedded SmolLM2-135M, or with ``BENCH_MODEL=random`` a model of its shape with random
+    weights (benchmarks/random_model.py: no GGUF to carry; speed only, accuracy means nothing)."""
+    if os.environ.get("BENCH_MODEL") != "random":
+        return "smollm2-135m"
+    dest = Path("/tmp/smollm2-random")
+    if not (dest / "config.json").exists():
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from random_model import random_smollm2
+
+        random_smollm2(dest)
+    return str(dest)
+
+
 def run_config(approach: str, quant: str = "nf4", rows: int = 2000, epochs: int = 2, batch: int = 64,
                lr: float | None = None, r: int = 16, eval_file: str = "valid.csv", **training):
     """Our settings for SmolLM2-135M on ``rows`` tweets of twitter-financial-news."""
     from trainables.config import RunConfig
 
     return RunConfig.model_validate({
-        "model": "smollm2-135m", "approach": approach, "quantization": quant,
+        "model": model_ref(), "approach": approach, "quantization": quant,
         "lora": {"r": r, "alpha": 2 * r, "dropout": 0.05},
         "training": {"epochs": epochs, "batch_size": batch, "eval_batch_size": 512, "max_length": 96,
                      "learning_rate": lr or (5e-4 if approach == "head" else 3e-4), "select": "last", **training},
@@ -111,7 +125,7 @@ def reference(rows: int = 2000, steps: int = 60, warm: int = 10):
 
     from trainables.models import resolve_model
 
-    path = resolve_model("smollm2-135m")
+    path = resolve_model(model_ref())
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -148,6 +162,13 @@ SPEED_VARIANTS = {
     "generation_nf4": ("generation", "nf4", {}),
     "generation_nf4_compile": ("generation", "nf4", {"compile": True}),
     "head_nf4_reused": ("head", "nf4", {"reuse": True}),  # a trial in a reused Ray worker
+    # the NF4 base dequantized once before training (training.dequantize_base): the same weights
+    "head_nf4_deq": ("head", "nf4", {"dequantize_base": True}),
+    "generation_nf4_deq": ("generation", "nf4", {"dequantize_base": True}),
+    "head_nf4_deq_reused": ("head", "nf4", {"dequantize_base": True, "reuse": True}),
+    "generation_nf4_deq_reused": ("generation", "nf4", {"dequantize_base": True, "reuse": True}),
+    "head_nf4_deq_compile": ("head", "nf4", {"dequantize_base": True, "compile": True}),
+    "generation_nf4_deq_compile": ("generation", "nf4", {"dequantize_base": True, "compile": True}),
     "head_none": ("head", "none", {}),
     "generation_none": ("generation", "none", {}),
 }
@@ -156,7 +177,9 @@ SPEED_VARIANTS = {
 def bench_speed() -> None:
     """Item 1 (trial speed vs the reference recipe), 4 (start-up share) and 6 (inference)."""
     out = {}
-    ref = reference()
+    # REFERENCE_SAMPLES_PER_S: the reference's rate from an earlier run on this card (skips re-timing it)
+    ref = {"samples_per_s": float(os.environ["REFERENCE_SAMPLES_PER_S"])} if os.environ.get("REFERENCE_SAMPLES_PER_S") \
+        else reference()
     out["reference_samples_per_s"] = ref["samples_per_s"]
     save(out)
     only = os.environ.get("SPEED_VARIANTS")

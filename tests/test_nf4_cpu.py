@@ -90,3 +90,21 @@ def test_gradients_reach_first_layer_lora_after_eval(tiny_csv, approach, how):
         # packed_by_hand: unpacking re-quantizes the block scales (bitsandbytes' inverse is lossy)
         tol = 2e-2 if how == "packed_by_hand" else 1e-4
         torch.testing.assert_close(got[n], g, rtol=tol, atol=tol * float(g.abs().max()), msg=n)
+
+
+@pytest.mark.parametrize("approach", ["head", "generation"])
+def test_dequantized_base_trains_the_same_model_as_nf4(tiny_csv, approach):
+    """``training.dequantize_base`` computes with the very weights the NF4 layers dequantize to:
+    the same loss and LoRA gradients as the 4-bit layers, with no 4-bit layer left."""
+    tr = _trainer(tiny_csv, approach)
+    cfg = RunConfig.model_validate(tiny_config(tiny_csv, approach=approach, **{"lora.dropout": 0.0,
+                                                                               "training.dequantize_base": True}))
+    deq = Trainer(cfg, load_dataset(cfg.data), log=lambda *_: None)
+    assert _linear4bit_modules(tr.model) and not _linear4bit_modules(deq.model)
+    a, b = _lora_grads(tr, tr.model), _lora_grads(deq, deq.model)
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5)
+    tr.fit(), deq.fit()
+    for k, v in tr.trainable_state().items():
+        torch.testing.assert_close(deq.trainable_state()[k], v, rtol=1e-3, atol=1e-4)

@@ -44,6 +44,10 @@ class TrainingSettings(Strict):
     compile: bool = False
     """``torch.compile`` each decoder layer (one graph serves them all): fewer kernel launches and
     less Python per step, for a compile cost at the start of each run."""
+    dequantize_base: bool = False
+    """Dequantize the 4-bit (or 8-bit) base once, before training, into the compute dtype: the very
+    weights bitsandbytes dequantizes at every call, without that per-layer work each step (the model
+    learns the same thing). Faster for small models; costs the memory of an unquantized base."""
     seed: int = 42
     bf16: Literal["auto", True, False] = "auto"
     select: Literal["best", "last"] = "best"

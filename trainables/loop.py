@@ -41,6 +41,7 @@ from trainables.errors import InputError
 from trainables.models import (
     attach_lora,
     compile_layers,
+    dequantized,
     device,
     load_base,
     load_tokenizer,
@@ -133,6 +134,8 @@ class Trainer:
         self.train_examples = self.approach.training_examples(self.encoded["train"])
         base = load_base(cfg, self.model_path, len(data.label_names), self.tokenizer.pad_token_id, self.dev,
                          reuse=reuse)
+        if t.dequantize_base:
+            base = dequantized(base)
         seed_everything(t.seed)  # new weights and adapters start from the seed, however the base was obtained
         approach_class(cfg.approach).init_weights(base)
         self.model = attach_lora(base, cfg)

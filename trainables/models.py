@@ -247,6 +247,14 @@ def _load_base(cfg: RunConfig, path: Path, num_labels: int, pad_token_id: int, d
     return model
 
 
+def dequantized(base):
+    """The base with its 4-bit (or 8-bit) layers replaced by plain linear layers holding the same
+    weights in the compute dtype (transformers' ``dequantize``). On a GPU this is what bitsandbytes
+    computes with anyway (it dequantizes to the compute dtype before each matmul), minus a
+    dequantization per layer and call; it costs the memory of an unquantized base."""
+    return base.dequantize() if getattr(base, "hf_quantizer", None) is not None else base
+
+
 def lora_config(lora: LoraSettings, approach: str):
     from peft import LoraConfig
 

@@ -15,6 +15,7 @@ from trainables.config import RunConfig
 from trainables.errors import InputError
 from trainables.graphs import GraphedScorer
 from trainables.models import (
+    dequantized,
     device,
     load_adapter,
     load_base,
@@ -45,14 +46,6 @@ def read_model_folder(folder: str | Path) -> tuple[RunConfig, list[str], object]
     cfg = RunConfig.model_validate(yaml.safe_load((folder / L.CONFIG).read_text()))
     label_names = json.loads((folder / L.LABELS).read_text())["names"]
     return cfg, label_names, load_tokenizer(folder / L.TOKENIZER, cfg.trust_remote_code)
-
-
-def dequantized(base):
-    """The base with its 4-bit (or 8-bit) layers replaced by plain linear layers holding the same
-    weights in the compute dtype (transformers' ``dequantize``). On a GPU this is what bitsandbytes
-    computes with anyway (it dequantizes to the compute dtype before each matmul), minus a
-    dequantization per layer and call; it costs the memory of an unquantized base."""
-    return base.dequantize() if getattr(base, "hf_quantizer", None) is not None else base
 
 
 class Classifier:
