@@ -108,3 +108,19 @@ def test_dequantized_base_trains_the_same_model_as_nf4(tiny_csv, approach):
     tr.fit(), deq.fit()
     for k, v in tr.trainable_state().items():
         torch.testing.assert_close(deq.trainable_state()[k], v, rtol=1e-3, atol=1e-4)
+
+
+def test_dequantize_base_auto_counts_the_unquantized_base_and_stays_4bit_on_the_cpu(tiny_csv):
+    """``auto`` weighs the base at its unquantized size (4-bit layers at their original shape) and
+    keeps NF4 on the CPU; ``true`` and ``false`` are obeyed; an unquantized base is left alone."""
+    from trainables.models import dequantize_base_wanted, unquantized_bytes
+
+    tr = _trainer(tiny_csv, "head")
+    plain = RunConfig.model_validate(tiny_config(tiny_csv, quantization="none"))
+    twin = Trainer(plain, load_dataset(plain.data), log=lambda *_: None)
+    assert unquantized_bytes(twin.model) == 2 * sum(p.numel() for p in twin.model.parameters())
+    assert unquantized_bytes(tr.model) == unquantized_bytes(twin.model)
+    cpu = torch.device("cpu")
+    assert not tr.dequantized_base and _linear4bit_modules(tr.model)  # auto, on the CPU
+    assert dequantize_base_wanted(True, "nf4", tr.model, cpu) and not dequantize_base_wanted(False, "nf4", tr.model, cpu)
+    assert not dequantize_base_wanted(True, "none", twin.model, cpu)

@@ -41,6 +41,7 @@ from trainables.errors import InputError
 from trainables.models import (
     attach_lora,
     compile_layers,
+    dequantize_base_wanted,
     dequantized,
     device,
     load_base,
@@ -134,7 +135,8 @@ class Trainer:
         self.train_examples = self.approach.training_examples(self.encoded["train"])
         base = load_base(cfg, self.model_path, len(data.label_names), self.tokenizer.pad_token_id, self.dev,
                          reuse=reuse)
-        if t.dequantize_base:
+        self.dequantized_base = dequantize_base_wanted(t.dequantize_base, cfg.quantization, base, self.dev)
+        if self.dequantized_base:
             base = dequantized(base)
         seed_everything(t.seed)  # new weights and adapters start from the seed, however the base was obtained
         approach_class(cfg.approach).init_weights(base)

@@ -8,6 +8,7 @@ or a hub id (only where a hub or its cache is reachable).
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from pathlib import Path
 
@@ -253,6 +254,31 @@ def dequantized(base):
     computes with anyway (it dequantizes to the compute dtype before each matmul), minus a
     dequantization per layer and call; it costs the memory of an unquantized base."""
     return base.dequantize() if getattr(base, "hf_quantizer", None) is not None else base
+
+
+DEQUANTIZE_AUTO_SHARE = 0.10
+"""``dequantize_base: auto`` dequantizes a base whose unquantized weights take at most this share of the GPU."""
+
+
+def unquantized_bytes(model, dtype_bytes: int = 2) -> int:
+    """Bytes ``model``'s weights would take unquantized (4-bit layers counted at their original shape)."""
+    total = 0
+    for p in model.parameters():
+        state = getattr(p, "quant_state", None)
+        shape = getattr(state, "shape", None)
+        total += (math.prod(shape) if shape is not None else p.numel()) * dtype_bytes
+    return total
+
+
+def dequantize_base_wanted(setting, quantization: str, base, dev: torch.device) -> bool:
+    """Whether to train on the dequantized base (``training.dequantize_base``)."""
+    if quantization == "none" or setting is False:
+        return False
+    if setting is True:
+        return True
+    if dev.type != "cuda":
+        return False
+    return unquantized_bytes(base) <= DEQUANTIZE_AUTO_SHARE * torch.cuda.get_device_properties(dev).total_memory
 
 
 def lora_config(lora: LoraSettings, approach: str):
