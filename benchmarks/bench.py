@@ -157,11 +157,11 @@ def reference(rows: int = 2000, steps: int = 60, warm: int = 10):
 
 SPEED_VARIANTS = {
     # name: (approach, quantization, extra training settings)
-    "head_nf4": ("head", "nf4", {}),
-    "head_nf4_compile": ("head", "nf4", {"compile": True}),
-    "generation_nf4": ("generation", "nf4", {}),
-    "generation_nf4_compile": ("generation", "nf4", {"compile": True}),
-    "head_nf4_reused": ("head", "nf4", {"reuse": True}),  # a trial in a reused Ray worker
+    "head_nf4": ("head", "nf4", {"dequantize_base": False}),  # 4-bit layers throughout
+    "head_nf4_compile": ("head", "nf4", {"dequantize_base": False, "compile": True}),
+    "generation_nf4": ("generation", "nf4", {"dequantize_base": False}),
+    "generation_nf4_compile": ("generation", "nf4", {"dequantize_base": False, "compile": True}),
+    "head_nf4_reused": ("head", "nf4", {"dequantize_base": False, "reuse": True}),  # a trial in a reused Ray worker
     # the NF4 base dequantized once before training (training.dequantize_base): the same weights
     "head_nf4_deq": ("head", "nf4", {"dequantize_base": True}),
     "generation_nf4_deq": ("generation", "nf4", {"dequantize_base": True}),

@@ -506,3 +506,45 @@ def test_runs_of_trials_lost_with_a_dead_driver_are_dropped_at_the_end(mlflow_se
     assert ghost.data.tags[R.STATE_TAG] == "lost"
     assert c.get_run(known).info.status == "RUNNING"
     assert [r.data.tags[R.TRIAL_TAG] for r in R.find_runs(c, exp, "lost", "trial", parent_run_id="parent")] == ["t1"]
+
+
+def test_first_trials_run_the_studys_own_settings_where_the_space_admits_them(tmp_path):
+    """One first trial per approach, each with the study's settings (learning rate, LoRA rank, the
+    head's class weights) for every searched parameter whose range admits them; the rest (here a
+    warmup range that excludes the study's 0.0) is left to TPE. Optuna hands these out first."""
+    from tuner.searcher import first_points, make_searcher
+    from tuner.study import _run_tree
+    from tuner.study_config import StudyConfig, parse_search
+
+    cfg = tiny_study(learnable_csv(tmp_path / "d.csv"))
+    cfg["search"]["training.warmup_ratio"] = {"uniform": [0.05, 0.1]}
+    study = StudyConfig.model_validate(cfg)
+    space = parse_search(study, "s.yaml")
+    points = first_points(space, lambda a: _run_tree(study, a))
+    r = study.lora.r
+    assert r in (4, 8) and study.training.learning_rate == 5e-3
+    assert points == [
+        {"approach": "head", "training.learning_rate": 5e-3, "lora.r": r, "head:head.class_weights": "none"},
+        {"approach": "generation", "training.learning_rate": 5e-3, "lora.r": r},
+    ], points
+    searcher = make_searcher(space, "head", 0, 8, 2, "eval_f1_macro", "max", first=points)
+    for i, point in enumerate(points):
+        got = searcher.suggest(f"t{i}")
+        assert {k: got[k] for k in point} == point and 0.05 <= got["training.warmup_ratio"] <= 0.1, got
+
+
+def test_a_study_without_scheduler_gets_epochs_for_its_data(tmp_path):
+    """No ``scheduler:``: about 1,000 steps for the longest trials at the median searched batch,
+    2 to 8 epochs; a study that sets its scheduler keeps it."""
+    from tuner.defaults import adapt
+    from tuner.study_config import StudyConfig, parse_search
+
+    base = tiny_study(learnable_csv(tmp_path / "d.csv"))
+    base.pop("scheduler")
+    base["search"]["training.batch_size"] = {"choice": [16, 32, 64]}
+    study = StudyConfig.model_validate(base)
+    space = parse_search(study, "s.yaml")
+    assert [adapt(study, space, rows).scheduler.max_epochs for rows in (2_000, 9_543, 100_000)] == [8, 4, 2]
+    assert adapt(study, space, 9_543).scheduler.grace_period == 1
+    set_by_user = StudyConfig.model_validate({**base, "scheduler": {"max_epochs": 3}})
+    assert adapt(set_by_user, space, 2_000).scheduler.max_epochs == 3

@@ -10,7 +10,7 @@ complete trials by value and puts pruned ones after them, ordered by how far the
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Callable
 
 from ray.tune.search.optuna import OptunaSearch
 
@@ -86,9 +86,47 @@ class PruningAwareOptunaSearch(OptunaSearch):
         super().on_trial_complete(trial_id, result, error)
 
 
+def _admits(d: Distribution, value: Any) -> bool:
+    if d.kind == "choice":
+        return P.encode(value) in [P.encode(c) for c in d.choice]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    lo, hi = getattr(d, d.kind)
+    return lo <= value <= hi and (d.kind != "int" or float(value).is_integer())
+
+
+def _dotted(tree: dict, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def first_points(space: SearchSpace, base: Callable[[str | None], dict]) -> list[dict] | None:
+    """The study's first trials, one per approach searched: each runs the study's own settings (by
+    default the QLoRA recipe: learning rate 2e-4, LoRA r 16, alpha 32, dropout 0.05 on every linear
+    layer) wherever the space admits them, so a known-good configuration is measured before TPE
+    explores. ``base(approach)`` is the run config tree of that approach; a parameter whose setting
+    lies outside its searched range is sampled."""
+    approaches = [str(a) for a in space.common["approach"].choice] if "approach" in space.common else [None]
+    points = []
+    for approach in approaches:
+        tree, point = base(approach), ({"approach": approach} if approach else {})
+        for key, d in space.common.items():
+            if key != "approach" and _admits(d, value := _dotted(tree, key)):
+                point[key] = P.encode(value) if d.kind == "choice" else value
+        for key, d in space.blocks.get(approach or "", {}).items():
+            if _admits(d, value := _dotted(tree, key)):
+                point[P.sampled_name(key, approach)] = P.encode(value) if d.kind == "choice" else value
+        points.append(point)
+    return points if any(points) else None
+
+
 def make_searcher(space: SearchSpace, fixed_approach: str, seed: int, num_trials: int, max_epochs: int,
-                  metric: str, mode: str, warm_trials: list = ()):
-    """``warm_trials``: Optuna trials of an earlier study (:mod:`tuner.warm_start`), known to TPE from
+                  metric: str, mode: str, warm_trials: list = (), first: list[dict] | None = None):
+    """``first``: the first trials' parameters (:func:`first_points`; default: each approach once).
+    ``warm_trials``: Optuna trials of an earlier study (:mod:`tuner.warm_start`), known to TPE from
     the start: they go into the study that Ray's OptunaSearch loads."""
     import optuna
 
@@ -98,7 +136,8 @@ def make_searcher(space: SearchSpace, fixed_approach: str, seed: int, num_trials
         n_startup_trials=max(2, min(10, num_trials // 3)),
     )
     # the first trials cover every approach once, so no study misses one by sampling luck
-    first = [{"approach": str(a)} for a in space.common["approach"].choice] if "approach" in space.common else None
+    if first is None and "approach" in space.common:
+        first = [{"approach": str(a)} for a in space.common["approach"].choice]
     storage = name = None
     if warm_trials:
         storage, name = optuna.storages.InMemoryStorage(), "warm-started"

@@ -370,6 +370,10 @@ def ingress_env(ingress: str) -> dict[str, str]:
         else:
             err_console.print("[yellow]warning[/]: no HAProxy binary (install ray[serve] or set "
                               "RAY_SERVE_HAPROXY_BINARY_PATH): serving through Ray Serve's Python proxy")
+    if "RAY_SERVE_ENABLE_HA_PROXY" not in env:
+        # throughput mode also opens a direct-ingress port on each replica, which nothing uses behind
+        # the proxy; with it, a CPU replica's deployment never became ready (2-core CPU, Ray 2.60)
+        env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS", "0")
     return env
 
 

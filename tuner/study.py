@@ -74,8 +74,10 @@ def run_study(path: Path, overrides: list[str], name: str | None, address: str |
 
         check_resources(study, str(path), {"GPU": local_gpus(), "CPU": psutil.cpu_count()})
     from trainables.data import load_dataset
+    from tuner.defaults import adapt
 
     data = load_dataset(study.data)  # bad data fails here, before Ray starts
+    study = adapt(study, space, len(data.train.texts))
     uri = tracking.resolve_tracking_uri(study.tracking.tracking_uri)
     tracking.require_server(uri)
     warm: list = []
@@ -149,7 +151,7 @@ def _tune_config(study: StudyConfig, space, max_concurrent: int | None, warm_tri
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from tuner.searcher import make_searcher
+    from tuner.searcher import first_points, make_searcher
 
     sch = study.scheduler
     scheduler = (ASHAScheduler(time_attr="epoch", max_t=sch.max_epochs, grace_period=sch.grace_period,
@@ -158,10 +160,15 @@ def _tune_config(study: StudyConfig, space, max_concurrent: int | None, warm_tri
     return tune.TuneConfig(
         metric=study.metric, mode=study.mode, num_samples=study.num_trials, scheduler=scheduler,
         search_alg=make_searcher(space, study.approach, study.seed, study.num_trials, sch.max_epochs,
-                                 study.metric, study.mode, warm_trials),
+                                 study.metric, study.mode, warm_trials,
+                                 None if warm_trials else first_points(space, lambda a: _run_tree(study, a))),
         max_concurrent_trials=max_concurrent,
         reuse_actors=_reuse_actors(study), time_budget_s=study.time_budget_s,
     )
+
+
+def _run_tree(study: StudyConfig, approach: str | None) -> dict:
+    return study.run_config({"approach": approach} if approach else None).model_dump(mode="json")
 
 
 def _reuse_actors(study: StudyConfig) -> bool:
