@@ -19,6 +19,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray's token authentication st
 
 from trainables.config import set_dotted  # noqa: E402
 from tuner.console import quiet_libraries  # noqa: E402
+from tuner.tracking import free_port  # noqa: E402,F401 - the tests' too
 
 quiet_libraries()
 
@@ -30,15 +31,6 @@ def pytest_configure(config):
 
     for stale in ("studies", "mlflow", "ray_results"):
         shutil.rmtree(Path(os.environ["QLORA_TUNE_HOME"]) / stale, ignore_errors=True)
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write(path: Path, text: str | bytes) -> Path:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, run_cli, tiny_config
+from tests.conftest import ROOT, free_port, run_cli, tiny_config
 from trainables import runs as R
 
 
@@ -122,12 +121,6 @@ def test_predict_with_registry_and_run_refs(promoted, tmp_path):
     assert p.returncode == 2 and "cannot load from MLflow" in p.stderr
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, body: bytes, timeout: float = 60):
     req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
     try:
@@ -177,7 +170,7 @@ def challenger(promoted):
 def server(promoted, challenger, ray_cluster):
     """`qlora-tune serve` of champion and challenger on the session's Ray cluster: 2 replicas, each
     holding both versions; batches wait up to 50 ms for more texts."""
-    port = _port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": promoted.tracking_uri}
     proc = subprocess.Popen([sys.executable, "-m", "tuner.cli", "serve", "models:/tiny-champion@champion", challenger,
                              "--address", ray_cluster, "--port", str(port), "--replicas", "2",

@@ -7,7 +7,6 @@ Every validation error becomes one line naming the file and the key, e.g.
 from __future__ import annotations
 
 import difflib
-import json
 from pathlib import Path
 from typing import Any, Literal
 

@@ -335,14 +335,6 @@ def haproxy_binary() -> str | None:
         return None
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
-
-
 def ingress_env(ingress: str) -> dict[str, str]:
     """Environment for a Ray cluster that serves through ``ingress``, set before the cluster starts.
 
@@ -356,6 +348,7 @@ def ingress_env(ingress: str) -> dict[str, str]:
     * ``proxy``: Ray Serve's Python HTTP proxy, one per node.
     """
     from tuner.console import err_console
+    from tuner.tracking import free_port
 
     if ingress not in INGRESSES:
         raise InputError(f"--ingress {ingress}: choose one of {', '.join(INGRESSES)}")
@@ -366,7 +359,7 @@ def ingress_env(ingress: str) -> dict[str, str]:
             # HAProxy's own stats and metrics pages listen on every interface at fixed ports (8404,
             # 9101): free ones instead, so that two clusters on one machine do not collide
             for var in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
-                env[var] = os.environ.get(var) or str(_free_port())
+                env[var] = os.environ.get(var) or str(free_port())
         else:
             err_console.print("[yellow]warning[/]: no HAProxy binary (install ray[serve] or set "
                               "RAY_SERVE_HAPROXY_BINARY_PATH): serving through Ray Serve's Python proxy")

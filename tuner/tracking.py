@@ -35,7 +35,8 @@ def _healthy(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this machine now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -55,7 +56,7 @@ def embedded_server(start: bool = True, port: int | None = None) -> str | None:
                 return info["url"]
         if not start:
             return None
-        port = port or _free_port()
+        port = port or free_port()
         url = f"http://127.0.0.1:{port}"
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         log = open(store / "server.log", "ab")
