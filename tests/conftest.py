@@ -129,29 +129,15 @@ def ray_cli() -> str:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A real local Ray cluster (``ray start --head``), shared by every test; yields its address. It
-    serves through the ingress ``qlora-tune serve`` gives its own clusters (HAProxy to the replicas)."""
-    from tuner.serve import haproxy_binary, ingress_env
-
-    assert haproxy_binary(), "ray[serve]'s HAProxy binary is missing"
+    """A real local Ray cluster (``ray start --head``), shared by every test; yields its address."""
     port = free_port()
     ray_bin = ray_cli()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **ingress_env("haproxy")}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
                     "--num-cpus=2", "--num-gpus=0", "--disable-usage-stats"],
                    check=True, env=env, capture_output=True, timeout=180)
     yield f"127.0.0.1:{port}"
     subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
-    _stop_orphaned_haproxy()
-
-
-def _stop_orphaned_haproxy() -> None:
-    """Serve's HAProxy runs as a child of an actor and outlives ``ray stop --force``: stop it."""
-    import psutil
-
-    for proc in psutil.process_iter(["name", "cmdline"]):
-        if proc.info["name"] == "haproxy" and any("haproxy-serve" in a for a in proc.info["cmdline"] or []):
-            proc.kill()
 
 
 def learnable_csv(path: Path, repeats: int = 6) -> Path:

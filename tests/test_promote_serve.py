@@ -241,23 +241,20 @@ def test_each_replica_serves_both_versions_over_one_base(server):
         assert st["bases"] == 1, st  # two head adapters attached to one quantized base
 
 
-def test_http_reaches_the_replicas_through_haproxy(server):
-    """The port is HAProxy's, and it hands requests straight to the replicas (Ray's direct ingress),
-    each on a loopback port of its own: no Python proxy in between."""
-    import psutil
+def test_ingress_haproxy_for_gpu_replicas_and_proxy_for_cpu_ones():
+    """``auto`` picks HAProxy (straight to the replicas) for GPU replicas and Serve's proxy for CPU
+    ones; HAProxy's environment turns Ray's switch on with free ports for its pages, the proxy's keeps
+    direct ingress off."""
+    from tuner.serve import Scaling, haproxy_binary, ingress_env, resolve_ingress
 
-    port = int(server.rsplit(":", 1)[1])
-    listening = {}
-    for proc in psutil.process_iter(["name", "pid"]):
-        try:
-            for c in proc.net_connections("tcp"):
-                if c.status == psutil.CONN_LISTEN:
-                    listening[(c.laddr.ip, c.laddr.port)] = proc.info["name"]
-        except (psutil.AccessDenied, psutil.NoSuchProcess):
-            continue
-    assert listening.get(("127.0.0.1", port)) == "haproxy", listening.get(("127.0.0.1", port))
-    replicas = {a for a, name in listening.items() if name.startswith("ray::ServeRepli") and 30000 <= a[1] < 31000}
-    assert len(replicas) >= 2 and all(ip == "127.0.0.1" for ip, _ in replicas), replicas
+    assert resolve_ingress("auto", Scaling(gpus_per_replica=0.5)) == "haproxy"
+    assert resolve_ingress("auto", Scaling()) == "proxy" and resolve_ingress("haproxy", Scaling()) == "haproxy"
+    assert haproxy_binary(), "ray[serve]'s HAProxy binary is missing"
+    env = ingress_env("haproxy")
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    assert env["RAY_SERVE_HAPROXY_STATS_PORT"] != "8404" and env["RAY_SERVE_HAPROXY_METRICS_PORT"] != "9101"
+    env = ingress_env("proxy")
+    assert "RAY_SERVE_ENABLE_HA_PROXY" not in env and env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0"
 
 
 def test_concurrent_requests_are_coalesced_into_batches(server):
@@ -335,4 +332,4 @@ def test_serve_refuses_non_loopback_without_insecure(cli, tmp_path):
 
 def test_serve_names_an_unknown_ingress(cli, tmp_path):
     code, _, err = cli("serve", str(tmp_path), "--ingress", "nginx")
-    assert code == 2 and "--ingress nginx: choose one of haproxy, proxy" in err, err
+    assert code == 2 and "--ingress nginx: choose one of auto, haproxy, proxy" in err, err

@@ -161,7 +161,7 @@ def serve(
     max_text_chars: Annotated[int, typer.Option(help="Longest text accepted.")] = 20_000,
     merge: Annotated[bool, typer.Option("--merge/--no-merge", help="Fold each adapter into a dequantized base (fast), or keep the base 4-bit (less memory).")] = True,
     access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="Serve's log line per request (costs about a sixth of the requests per second).")] = False,
-    ingress: Annotated[str, typer.Option(help="HTTP ingress of a cluster serve starts: haproxy (straight to the replicas, which share the HTTP work) or proxy (Ray Serve's Python proxy). With --address, the cluster's own (RAY_SERVE_ENABLE_HA_PROXY at `ray start`).")] = "haproxy",
+    ingress: Annotated[str, typer.Option(help="HTTP ingress of a cluster serve starts: haproxy (straight to the replicas, which share the HTTP work), proxy (Ray Serve's Python proxy) or auto (haproxy for GPU replicas, proxy for CPU ones). With --address, the cluster's own (RAY_SERVE_ENABLE_HA_PROXY at `ray start`).")] = "auto",
 ):
     """Serve classifiers on Ray Serve with request batching: POST /predict {"texts": [...]}."""
     from tuner.serve import INGRESSES, Batching, Limits, Scaling, serve_models
