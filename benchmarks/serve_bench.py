@@ -150,7 +150,7 @@ def main() -> None:
     ap.add_argument("--no-serve", action="store_true", help="skip the serving load (Ray Data only)")
     ap.add_argument("--no-compare", action="store_true", help="skip the eager and 4-bit comparisons")
     ap.add_argument("--no-access-log", action="store_true", help="serve without Serve's access log")
-    ap.add_argument("--ingress", default="haproxy", help="haproxy or proxy (tuner.serve.ingress_env)")
+    ap.add_argument("--ingress", default="auto", help="auto, haproxy or proxy (as `serve --ingress`)")
     ap.add_argument("--big", type=int, default=100_000, help="texts for the Ray Data comparison")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
@@ -161,7 +161,7 @@ def main() -> None:
 
     from trainables.predict import Classifier
     from tuner.ray_cluster import connect
-    from tuner.serve import APP_NAME, Batching, Limits, Scaling, application, ingress_env, model_names
+    from tuner.serve import APP_NAME, Batching, Limits, Scaling, application, ingress_env, model_names, resolve_ingress
     from serve_load import load
 
     folder, ref = _train_and_register(work, a.gpu, a.train_rows)
@@ -196,12 +196,12 @@ def main() -> None:
 
     from ray import serve
 
-    env = ingress_env(a.ingress)
+    env = ingress_env(resolve_ingress(a.ingress, Scaling(gpus_per_replica=1.0 if a.gpu else 0.0)))
     os.environ.update(env)  # before the cluster starts, as `qlora-tune serve` does
     connect(None)
     port = 8765
     logging_config = {"enable_access_log": not a.no_access_log}
-    res["serve_options"] = {**logging_config, "ingress": a.ingress, **env}
+    res["serve_options"] = {**logging_config, "ingress": resolve_ingress(a.ingress, Scaling(gpus_per_replica=1.0 if a.gpu else 0.0)), **env}
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=logging_config)
     url = f"http://127.0.0.1:{port}"
     batching = Batching(a.max_batch_size, a.batch_wait_ms)
@@ -248,7 +248,7 @@ def main() -> None:
             t = time.perf_counter()
             rows = predict_on_cluster(folder, inp, out, "text", "auto", a.data_batch, int(actors), float(gpus), timings)
             cluster = time.perf_counter() - t
-            steady = (rows - 1024) / max(1e-9, timings["total_s"] - timings["first_rows_s"])
+            steady = (rows - timings["first_rows"]) / max(1e-9, timings["total_s"] - timings["first_rows_s"])
             runs.append({"layout": layout, "texts": rows, "ray_data_s": round(cluster, 2), **timings,
                          "steady_texts_per_s": round(steady, 1), "ratio": round(inproc / cluster, 3),
                          "ratio_end_to_end": round(e2e / cluster, 3),

@@ -118,7 +118,6 @@ def test_dequantize_base_auto_counts_the_unquantized_base_and_stays_4bit_on_the_
     tr = _trainer(tiny_csv, "head")
     plain = RunConfig.model_validate(tiny_config(tiny_csv, quantization="none"))
     twin = Trainer(plain, load_dataset(plain.data), log=lambda *_: None)
-    assert unquantized_bytes(twin.model) == 2 * sum(p.numel() for p in twin.model.parameters())
     assert unquantized_bytes(tr.model) == unquantized_bytes(twin.model)
     cpu = torch.device("cpu")
     assert not tr.dequantized_base and _linear4bit_modules(tr.model)  # auto, on the CPU

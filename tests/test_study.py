@@ -520,7 +520,7 @@ def test_first_trials_run_the_studys_own_settings_where_the_space_admits_them(tm
     cfg["search"]["training.warmup_ratio"] = {"uniform": [0.05, 0.1]}
     study = StudyConfig.model_validate(cfg)
     space = parse_search(study, "s.yaml")
-    points = first_points(space, lambda a: _run_tree(study, a))
+    points = first_points(space, study.approach, lambda a: _run_tree(study, a))
     r = study.lora.r
     assert r in (4, 8) and study.training.learning_rate == 5e-3
     assert points == [
@@ -531,6 +531,11 @@ def test_first_trials_run_the_studys_own_settings_where_the_space_admits_them(tm
     for i, point in enumerate(points):
         got = searcher.suggest(f"t{i}")
         assert {k: got[k] for k in point} == point and 0.05 <= got["training.warmup_ratio"] <= 0.1, got
+    # approach fixed: one first trial, its block's parameters included
+    cfg["search"] = {"lora.r": {"choice": [4, 8]}, "head": {"head.class_weights": {"choice": ["balanced", "none"]}}}
+    fixed = StudyConfig.model_validate(cfg)
+    got = first_points(parse_search(fixed, "s.yaml"), fixed.approach, lambda a: _run_tree(fixed, a))
+    assert got == [{"lora.r": r, "head:head.class_weights": "none"}], got
 
 
 def test_a_study_without_scheduler_gets_epochs_for_its_data(tmp_path):
@@ -546,5 +551,7 @@ def test_a_study_without_scheduler_gets_epochs_for_its_data(tmp_path):
     space = parse_search(study, "s.yaml")
     assert [adapt(study, space, rows).scheduler.max_epochs for rows in (2_000, 9_543, 100_000)] == [8, 4, 2]
     assert adapt(study, space, 9_543).scheduler.grace_period == 1
+    accumulating = StudyConfig.model_validate({**base, "training": {**base["training"], "grad_accum": 2}})
+    assert adapt(accumulating, space, 9_543).scheduler.max_epochs == 7  # batch 64 per step: 150 steps an epoch
     set_by_user = StudyConfig.model_validate({**base, "scheduler": {"max_epochs": 3}})
     assert adapt(set_by_user, space, 2_000).scheduler.max_epochs == 3

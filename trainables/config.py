@@ -142,6 +142,15 @@ def _fields_at(model_cls: type[BaseModel], path: list[str]) -> list[str]:
     return list(cls.model_fields)
 
 
+def get_dotted(tree: dict, dotted: str) -> Any:
+    """The value at ``dotted`` in ``tree``, or None where the path does not exist."""
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
 def set_dotted(tree: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree

@@ -80,7 +80,8 @@ def predict_on_cluster(folder: Path, input: Path, output: Path, column: str, add
                        batch_size: int | None, workers: int | None, gpus_per_worker: float,
                        timings: dict | None = None) -> int:
     """Label every row of ``input`` into ``output``; returns the number of rows. ``timings`` (if
-    given) gets ``first_rows_s`` and ``total_s``: when the first labelled rows and the last arrived."""
+    given) gets ``first_rows_s`` and ``total_s`` (when the first labelled rows and the last arrived)
+    and ``first_rows`` (how many came first)."""
     import ray
     import ray.data
 
@@ -111,7 +112,7 @@ def predict_on_cluster(folder: Path, input: Path, output: Path, column: str, add
         with atomic_table_writer(output) as write:
             for batch in labelled.iter_batches(batch_size=None, batch_format="pyarrow"):
                 if not rows and timings is not None:
-                    timings["first_rows_s"] = round(time.perf_counter() - t0, 2)
+                    timings.update(first_rows_s=round(time.perf_counter() - t0, 2), first_rows=batch.num_rows)
                 write(batch.replace_schema_metadata(None).to_pandas())  # plain NumPy dtypes
                 rows += batch.num_rows
     except ray.exceptions.RayTaskError as e:

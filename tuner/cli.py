@@ -164,10 +164,7 @@ def serve(
     ingress: Annotated[str, typer.Option(help="HTTP ingress of a cluster serve starts: haproxy (straight to the replicas, which share the HTTP work), proxy (Ray Serve's Python proxy) or auto (haproxy for GPU replicas, proxy for CPU ones). With --address, the cluster's own (RAY_SERVE_ENABLE_HA_PROXY at `ray start`).")] = "auto",
 ):
     """Serve classifiers on Ray Serve with request batching: POST /predict {"texts": [...]}."""
-    from tuner.serve import INGRESSES, Batching, Limits, Scaling, serve_models
-
-    if ingress not in INGRESSES:
-        raise InputError(f"serve: --ingress {ingress}: choose one of {', '.join(INGRESSES)}")
+    from tuner.serve import Batching, Limits, Scaling, serve_models
 
     if (min_replicas is not None) and not max_replicas:
         raise InputError("serve: --min-replicas needs --max-replicas")

@@ -22,13 +22,16 @@ EPOCH_BOUNDS = (2, 8)
 
 
 def typical_batch(study: StudyConfig, space: SearchSpace) -> int:
-    """The batch size a trial typically trains with: the median searched choice, else the study's."""
+    """Examples per optimizer step of a typical trial: the median searched batch size (else the
+    study's) times the gradient accumulation."""
     d = space.common.get("training.batch_size")
     if d is not None and d.kind == "choice":
-        return int(statistics.median_low(sorted(int(c) for c in d.choice)))
-    if d is not None and d.kind == "int":
-        return int(round(math.sqrt(d.int[0] * d.int[1])))
-    return study.training.batch_size * study.training.grad_accum
+        batch = int(statistics.median_low(sorted(int(c) for c in d.choice)))
+    elif d is not None and d.kind == "int":
+        batch = int(round(math.sqrt(d.int[0] * d.int[1])))
+    else:
+        batch = study.training.batch_size
+    return batch * study.training.grad_accum
 
 
 def adaptive_max_epochs(train_rows: int, batch: int) -> int:

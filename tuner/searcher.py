@@ -16,6 +16,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from trainables import compat
 from trainables import params as P
+from trainables.config import get_dotted
 from tuner.study_config import Distribution, SearchSpace
 
 
@@ -63,11 +64,9 @@ class DefineByRun:
         space, approach = self.space, self.fixed_approach
         if "approach" in space.common:
             approach = trial.suggest_categorical("approach", [str(a) for a in space.common["approach"].choice])
-        for key, d in space.common.items():
+        for name, key, d in space.parameters(approach):
             if key != "approach":
-                _suggest(trial, key, d)
-        for key, d in space.blocks.get(approach, {}).items():
-            _suggest(trial, P.sampled_name(key, approach), d)
+                _suggest(trial, name, d)
         return None
 
 
@@ -86,39 +85,19 @@ class PruningAwareOptunaSearch(OptunaSearch):
         super().on_trial_complete(trial_id, result, error)
 
 
-def _admits(d: Distribution, value: Any) -> bool:
-    if d.kind == "choice":
-        return P.encode(value) in [P.encode(c) for c in d.choice]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    lo, hi = getattr(d, d.kind)
-    return lo <= value <= hi and (d.kind != "int" or float(value).is_integer())
-
-
-def _dotted(tree: dict, key: str) -> Any:
-    for part in key.split("."):
-        if not isinstance(tree, dict) or part not in tree:
-            return None
-        tree = tree[part]
-    return tree
-
-
-def first_points(space: SearchSpace, base: Callable[[str | None], dict]) -> list[dict] | None:
+def first_points(space: SearchSpace, fixed_approach: str, base: Callable[[str], dict]) -> list[dict] | None:
     """The study's first trials, one per approach searched: each runs the study's own settings (by
     default the QLoRA recipe: learning rate 2e-4, LoRA r 16, alpha 32, dropout 0.05 on every linear
     layer) wherever the space admits them, so a known-good configuration is measured before TPE
     explores. ``base(approach)`` is the run config tree of that approach; a parameter whose setting
     lies outside its searched range is sampled."""
-    approaches = [str(a) for a in space.common["approach"].choice] if "approach" in space.common else [None]
     points = []
-    for approach in approaches:
-        tree, point = base(approach), ({"approach": approach} if approach else {})
-        for key, d in space.common.items():
-            if key != "approach" and _admits(d, value := _dotted(tree, key)):
-                point[key] = P.encode(value) if d.kind == "choice" else value
-        for key, d in space.blocks.get(approach or "", {}).items():
-            if _admits(d, value := _dotted(tree, key)):
-                point[P.sampled_name(key, approach)] = P.encode(value) if d.kind == "choice" else value
+    for approach in space.approaches(fixed_approach):
+        tree, point = base(approach), {}
+        for name, key, d in space.parameters(approach):
+            value = approach if key == "approach" else get_dotted(tree, key)
+            if d.admits(value):
+                point[name] = P.encode(value) if d.kind == "choice" else value
         points.append(point)
     return points if any(points) else None
 

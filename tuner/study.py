@@ -161,14 +161,14 @@ def _tune_config(study: StudyConfig, space, max_concurrent: int | None, warm_tri
         metric=study.metric, mode=study.mode, num_samples=study.num_trials, scheduler=scheduler,
         search_alg=make_searcher(space, study.approach, study.seed, study.num_trials, sch.max_epochs,
                                  study.metric, study.mode, warm_trials,
-                                 None if warm_trials else first_points(space, lambda a: _run_tree(study, a))),
+                                 None if warm_trials else first_points(space, study.approach, lambda a: _run_tree(study, a))),
         max_concurrent_trials=max_concurrent,
         reuse_actors=_reuse_actors(study), time_budget_s=study.time_budget_s,
     )
 
 
-def _run_tree(study: StudyConfig, approach: str | None) -> dict:
-    return study.run_config({"approach": approach} if approach else None).model_dump(mode="json")
+def _run_tree(study: StudyConfig, approach: str) -> dict:
+    return study.run_config({"approach": approach}).model_dump(mode="json")
 
 
 def _reuse_actors(study: StudyConfig) -> bool:

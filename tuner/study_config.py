@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from trainables import params as P
 from trainables.approaches import REGISTRY
 from trainables.config import RunConfig, load_config, set_dotted
 from trainables.errors import InputError
@@ -55,6 +56,15 @@ class Distribution(BaseModel):
     def candidates(self) -> list[Any]:
         """Values that must all be valid for the key: the bounds, or every choice."""
         return list(self.choice) if self.kind == "choice" else list(getattr(self, self.kind))
+
+    def admits(self, value: Any) -> bool:
+        """Whether ``value`` (as set in a config, or as Optuna holds a choice) lies in this distribution."""
+        if self.kind == "choice":
+            return P.encode(value) in [P.encode(c) for c in self.choice]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        lo, hi = getattr(self, self.kind)
+        return lo <= value <= hi and (self.kind != "int" or float(value).is_integer())
 
 
 class SchedulerSettings(BaseModel):
@@ -140,6 +150,12 @@ class SearchSpace:
     def approaches(self, fixed: str) -> list[str]:
         d = self.common.get("approach")
         return [str(a) for a in d.choice] if d else [fixed]
+
+    def parameters(self, approach: str) -> list[tuple[str, str, Distribution]]:
+        """(name Optuna samples it under, config key, distribution) of every parameter a trial of
+        ``approach`` samples: the common ones (``approach`` first, where searched), then its block's."""
+        return [(k, k, d) for k, d in self.common.items()] + \
+               [(P.sampled_name(k, approach), k, d) for k, d in self.blocks.get(approach, {}).items()]
 
     def describe(self) -> dict:
         return {"common": {k: v.model_dump(exclude_none=True) for k, v in self.common.items()},

@@ -9,17 +9,9 @@ import math
 
 import pandas as pd
 
-from trainables import params as P
 from trainables.errors import InputError
 from tuner.searcher import mlflow_value, optuna_distribution
-from tuner.study_config import Distribution, SearchSpace, StudyConfig
-
-
-def _inside(v, d: Distribution) -> bool:
-    if d.kind == "choice":
-        return True  # mlflow_value only returns listed choices
-    lo, hi = getattr(d, d.kind)
-    return lo <= v <= hi
+from tuner.study_config import SearchSpace, StudyConfig
 
 
 def warm_trials(old, study: StudyConfig, space: SearchSpace) -> tuple[list, list[str]]:
@@ -45,9 +37,7 @@ def warm_trials(old, study: StudyConfig, space: SearchSpace) -> tuple[list, list
             other_approach += 1
             continue
         params, dists = {}, {}
-        keys = [(k, k, d) for k, d in space.common.items()] + \
-               [(P.sampled_name(k, approach), k, d) for k, d in space.blocks.get(approach, {}).items()]
-        for name, key, d in keys:
+        for name, key, d in space.parameters(approach):
             raw = approach if key == "approach" else row.get(key)
             if not isinstance(raw, str):
                 missing[key] = missing.get(key, 0) + 1
@@ -56,7 +46,7 @@ def warm_trials(old, study: StudyConfig, space: SearchSpace) -> tuple[list, list
                 v = mlflow_value(raw, d)
             except ValueError:
                 v = None
-            if v is None or not _inside(v, d):
+            if v is None or not d.admits(v):
                 outside[key] = outside.get(key, 0) + 1
                 continue
             params[name], dists[name] = v, optuna_distribution(d)
