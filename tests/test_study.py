@@ -555,3 +555,19 @@ def test_a_study_without_scheduler_gets_epochs_for_its_data(tmp_path):
     assert adapt(accumulating, space, 9_543).scheduler.max_epochs == 7  # batch 64 per step: 150 steps an epoch
     set_by_user = StudyConfig.model_validate({**base, "scheduler": {"max_epochs": 3}})
     assert adapt(set_by_user, space, 2_000).scheduler.max_epochs == 3
+
+
+def test_a_budgeted_study_without_trial_count_runs_until_its_budget(tmp_path):
+    """``time_budget_s`` without ``num_trials``: the budget ends the study (not 8 trials); a count the
+    user gives, or no budget, keeps its count."""
+    from tuner.defaults import BUDGETED_TRIALS, adapt
+    from tuner.study_config import StudyConfig, parse_search
+
+    base = tiny_study(learnable_csv(tmp_path / "d.csv"))
+    base.pop("num_trials", None)
+    budgeted = StudyConfig.model_validate({**base, "time_budget_s": 450})
+    space = parse_search(budgeted, "s.yaml")
+    assert adapt(budgeted, space, 2_000).num_trials == BUDGETED_TRIALS
+    assert adapt(StudyConfig.model_validate(base), space, 2_000).num_trials == 8
+    counted = StudyConfig.model_validate({**base, "time_budget_s": 450, "num_trials": 12})
+    assert adapt(counted, space, 2_000).num_trials == 12

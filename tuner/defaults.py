@@ -4,6 +4,8 @@ Ray starts, and recorded with the study (its config in MLflow shows the resolved
 * ``scheduler`` left out: the longest trials get about :data:`TARGET_STEPS` optimizer steps, so
   ``max_epochs`` follows the training rows and the (typical) batch size, between 2 and 8 epochs; ASHA's
   rungs (1, 2, 4, ... epochs) follow from it. Few rows get more epochs, many rows fewer.
+* ``num_trials`` left out: 8, or, with ``time_budget_s``, as many as the budget allows (the budget
+  ends the study, not a trial count picked without knowing how fast trials run).
 * The first trial of each approach runs the study's own settings (:func:`tuner.searcher.first_points`).
 """
 
@@ -19,6 +21,8 @@ TARGET_STEPS = 1000
 """Optimizer steps for a trial that runs to ``max_epochs`` (LoRA classification fine-tunes settle within
 a few hundred to a few thousand steps)."""
 EPOCH_BOUNDS = (2, 8)
+BUDGETED_TRIALS = 10_000
+"""``num_trials`` of a study with a time budget and no trial count: more than any budget runs."""
 
 
 def typical_batch(study: StudyConfig, space: SearchSpace) -> int:
@@ -42,6 +46,10 @@ def adaptive_max_epochs(train_rows: int, batch: int) -> int:
 
 def adapt(study: StudyConfig, space: SearchSpace, train_rows: int) -> StudyConfig:
     """``study`` with the defaults it left out decided for its data (see the module docstring)."""
+    if "num_trials" not in study.model_fields_set and study.time_budget_s is not None:
+        study = study.model_copy(update={"num_trials": BUDGETED_TRIALS})
+        console.print(f"num_trials (default, with time_budget_s): trials start until the {study.time_budget_s:g} s "
+                      "budget ends", soft_wrap=True)
     if "scheduler" in study.model_fields_set:
         return study
     batch = typical_batch(study, space)

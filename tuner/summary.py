@@ -113,7 +113,7 @@ def compute_summary(rec, df: pd.DataFrame) -> dict:
     importances (a fANOVA fit). Computed once per report: pass it on rather than computing it again."""
     s = rec.study
     epochs = int(df["epochs"].sum()) if len(df) else 0
-    budget = s.num_trials * s.scheduler.max_epochs
+    budget = len(df) * s.scheduler.max_epochs  # the trials run, each to max_epochs
     counts = df["state"].value_counts().to_dict() if len(df) else {}
     oom = int(df["reason"].fillna("").str.startswith(OOM_REASON).sum()) if len(df) else 0
     try:
