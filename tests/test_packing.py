@@ -56,3 +56,32 @@ def test_gpu_takes_a_number_or_auto(tmp_path, yaml_file):
     with pytest.raises(InputError) as e:
         load_study(yaml_file(cfg))
     assert "resources_per_trial.gpu" in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("gpus", [4, 8])
+def test_plans_for_four_and_eight_gpu_nodes(tmp_path, yaml_file, gpus):
+    """What a study asks of a 4- or 8-GPU node (issue 17, simulated: no such node is lent): packed
+    trials get a share of a card, data-parallel trials of 2 and 4 workers run as many at once as the
+    node holds, packing follows the node's CPUs per card, and a trial wider than the node fails first."""
+    from tuner.ray_cluster import check_resources
+    from tuner.study import _concurrency
+
+    node = {"GPU": float(gpus), "CPU": 16.0 * gpus}
+    packed, _ = load_study(yaml_file(tiny_study(learnable_csv(tmp_path / "d.csv"), max_concurrent_trials=None,
+                                                **{"resources_per_trial.gpu": 0.25, "resources_per_trial.cpu": 2})))
+    assert check_resources(packed, "s.yaml", node) == {"cpu": 2, "gpu": 0.25}
+    assert _concurrency(packed, {"cpu": 2, "gpu": 0.25}, node) is None  # Tune packs 4 per card by itself
+    for workers in (2, 4):
+        s, _ = load_study(yaml_file(tiny_study(learnable_csv(tmp_path / "d.csv"), max_concurrent_trials=None, **{
+            "resources_per_trial.workers": workers, "resources_per_trial.gpus_per_worker": 1,
+            "resources_per_trial.cpu": 2})))
+        res = check_resources(s, "s.yaml", node)
+        assert res == {"cpu": 2, "gpu": float(workers)}
+        assert _concurrency(s, res, node) == gpus // workers
+    wide, _ = load_study(yaml_file(tiny_study(learnable_csv(tmp_path / "d.csv"), **{
+        "resources_per_trial.workers": 2 * gpus, "resources_per_trial.gpus_per_worker": 1})))
+    with pytest.raises(InputError, match=f"a trial needs {2 * gpus} GPU\\(s\\) but the cluster has {gpus}"):
+        check_resources(wide, "s.yaml", node)
+    cfg = {"approach": "head", "training": {"batch_size": 64, "max_length": 96}, "lora": {"r": 16}}
+    # 16 CPUs per card at 2 per trial caps a card at 8 trials however small they are
+    assert share_of_card(Footprint(1 * GiB, 140 * GiB), cfg, node, 2.0, "s.yaml") == pytest.approx(1 / 8)
