@@ -85,3 +85,21 @@ def test_plans_for_four_and_eight_gpu_nodes(tmp_path, yaml_file, gpus):
     cfg = {"approach": "head", "training": {"batch_size": 64, "max_length": 96}, "lora": {"r": 16}}
     # 16 CPUs per card at 2 per trial caps a card at 8 trials however small they are
     assert share_of_card(Footprint(1 * GiB, 140 * GiB), cfg, node, 2.0, "s.yaml") == pytest.approx(1 / 8)
+
+
+def test_gpu_defaults_to_auto_and_is_quiet_on_a_cpu_cluster(tmp_path, yaml_file, capsys):
+    """No ``gpu`` in the file: ``auto`` (GPU clusters measure and pack; a CPU cluster runs trials on the
+    CPU without a warning); ``auto`` written out warns there; data-parallel trials keep their GPUs per
+    worker, unchanged."""
+    from tuner.packing import resolve_auto_gpu
+
+    quiet, space = load_study(yaml_file(tiny_study(learnable_csv(tmp_path / "d.csv"))))
+    assert quiet.resources_per_trial.gpu == "auto"
+    assert resolve_auto_gpu(quiet, space, "s.yaml", ["a", "b"], {"CPU": 2.0}).resources_per_trial.gpu == 0.0
+    assert "warning" not in capsys.readouterr().out
+    loud, space = load_study(yaml_file(tiny_study(learnable_csv(tmp_path / "d.csv"), **{"resources_per_trial.gpu": "auto"})))
+    assert resolve_auto_gpu(loud, space, "s.yaml", ["a", "b"], {"CPU": 2.0}).resources_per_trial.gpu == 0.0
+    assert "no GPU; trials run on the CPU" in capsys.readouterr().out
+    dp, space = load_study(yaml_file(tiny_study(learnable_csv(tmp_path / "d.csv"), **{
+        "resources_per_trial.workers": 2, "resources_per_trial.gpus_per_worker": 1})))
+    assert resolve_auto_gpu(dp, space, "s.yaml", ["a", "b"], {"CPU": 8.0, "GPU": 2.0}) is dp

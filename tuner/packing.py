@@ -42,10 +42,11 @@ def resolve_auto_gpu(study: StudyConfig, space: SearchSpace, source: str, label_
     trials that fit), measured on one of the cluster's GPUs; no GPU: 0 (trials on the CPU). A space
     whose largest trial does not fit on a card fails here, naming the settings."""
     r = study.resources_per_trial
-    if r.gpu != "auto":
+    if r.gpu != "auto" or r.workers > 1:  # data-parallel trials give their GPUs per worker
         return study
     if cluster.get("GPU", 0) == 0:
-        console.print("[yellow]warning[/]: resources_per_trial.gpu: auto, but the cluster has no GPU; trials run on the CPU")
+        if "gpu" in r.model_fields_set:  # asked for by name: say why it does nothing here
+            console.print("[yellow]warning[/]: resources_per_trial.gpu: auto, but the cluster has no GPU; trials run on the CPU")
         gpu = 0.0
     else:
         import ray

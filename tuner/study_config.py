@@ -84,11 +84,12 @@ class SchedulerSettings(BaseModel):
 class Resources(BaseModel):
     model_config = ConfigDict(extra="forbid")
     cpu: float = Field(1, gt=0)
-    gpu: Annotated[float, Field(ge=0)] | Literal["auto"] = 0
-    """GPUs per trial; fractions pack several trials on one card. A fraction on a cluster without GPUs
-    becomes 0 with a warning; whole GPUs the cluster lacks fail before any trial starts. ``auto``: as
-    many trials per card as fit, from a trial's memory measured at the search space's largest
-    settings (:mod:`tuner.packing`)."""
+    gpu: Annotated[float, Field(ge=0)] | Literal["auto"] = "auto"
+    """GPUs per trial; fractions pack several trials on one card. ``auto`` (the default): as many
+    trials per card as fit, from a trial's memory measured at the search space's largest settings
+    (:mod:`tuner.packing`); 0 on a cluster without GPUs. A fraction on a cluster without GPUs becomes 0
+    with a warning; whole GPUs the cluster lacks fail before any trial starts. ``0`` keeps trials on
+    the CPU."""
     workers: int = Field(1, ge=1)
     """Data-parallel Ray Train workers per trial (several GPUs per trial); each reserves ``cpu``
     CPUs and ``gpus_per_worker`` GPUs. ``training.batch_size`` stays the global batch."""
@@ -253,7 +254,7 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> tuple[St
     if study.storage and "://" not in study.storage:
         study.storage = str(Path(study.storage).expanduser().resolve())
     r = study.resources_per_trial
-    if r.workers > 1 and r.gpu:  # 'auto' too
+    if r.workers > 1 and "gpu" in r.model_fields_set and r.gpu:  # 'auto' too, where the file gives it
         raise InputError(f"{path}: resources_per_trial.gpu: with workers > 1 give GPUs per worker as "
                          f"gpus_per_worker (gpu is for single-worker trials)")
     if r.workers == 1 and r.gpus_per_worker:
