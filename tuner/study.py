@@ -74,7 +74,7 @@ def run_study(path: Path, overrides: list[str], name: str | None, address: str |
 
         check_resources(study, str(path), {"GPU": local_gpus(), "CPU": psutil.cpu_count()})
     from trainables.data import load_dataset
-    from tuner.defaults import adapt
+    from tuner.defaults import BUDGETED_TRIALS, adapt
 
     data = load_dataset(study.data)  # bad data fails here, before Ray starts
     study = adapt(study, space, len(data.train.texts))
@@ -118,7 +118,9 @@ def run_study(path: Path, overrides: list[str], name: str | None, address: str |
         finish_study(rec, interrupted=True, seconds=0.0, reason=f"{type(e).__name__}: {e}")
         raise
     workers = f" x {study.resources_per_trial.workers} workers" if study.resources_per_trial.workers > 1 else ""
-    console.print(f"[bold]study[/] {name}: {study.num_trials} trials, approaches {space.approaches(study.approach)}, "
+    count = f"trials for {study.time_budget_s:g} s" if study.time_budget_s and study.num_trials >= BUDGETED_TRIALS \
+        else f"{study.num_trials} trials"
+    console.print(f"[bold]study[/] {name}: {count}, approaches {space.approaches(study.approach)}, "
                   f"{res} per trial{workers}; MLflow experiment '{study.tracking.experiment}'")
     console.print(f"[bold]MLflow UI[/]: {tracking.runs_link(uri, exp_id, name) or uri}", soft_wrap=True)
     return _fit(tuner, rec)
