@@ -174,6 +174,15 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def worker_device() -> torch.device:
+    """The device of code running in a Ray worker (a trial, a serve replica, a Ray Data actor): its
+    assigned GPU, else the CPU. Ray (2.60) leaves ``CUDA_VISIBLE_DEVICES`` alone in a worker given no
+    GPU, so :func:`device` there would pick the node's first card, unreserved and shared."""
+    import ray
+
+    return device() if ray.is_initialized() and ray.get_gpu_ids() else torch.device("cpu")
+
+
 def compute_dtype(cfg: RunConfig, dev: torch.device) -> torch.dtype:
     if cfg.compute_dtype == "auto":
         return torch.bfloat16 if dev.type == "cuda" else torch.float32

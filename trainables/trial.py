@@ -62,7 +62,8 @@ def trial_config(ctx: TrialContext, params: dict[str, Any]):
 def train_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     """Ray Tune function trainable."""
     import ray.tune as tune
-    import torch
+
+    from trainables.models import worker_device
 
     tc = tune.get_context()
     if ctx.workers > 1:
@@ -72,10 +73,7 @@ def train_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     def report(metrics: dict, folder: Path | None) -> None:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder) if folder else None)
 
-    # a trial given no GPU trains on the CPU: Ray (2.60) leaves CUDA_VISIBLE_DEVICES alone for tasks
-    # without GPUs, so CUDA would otherwise pick the first card, unreserved and shared with every trial
-    cpu = torch.device("cpu") if not ctx.gpu_per_trial else None
-    _train(params, ctx, tc.get_trial_id(), tc.get_trial_name(), tune.get_checkpoint(), report, dev=cpu)
+    _train(params, ctx, tc.get_trial_id(), tc.get_trial_name(), tune.get_checkpoint(), report, dev=worker_device())
 
 
 def _train(params: dict[str, Any], ctx: TrialContext, trial_id: str, trial_name: str, checkpoint, report,

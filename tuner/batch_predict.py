@@ -32,10 +32,11 @@ class Predictor:
     """A Ray Data actor: one loaded classifier, labelling batches of rows (a pandas DataFrame)."""
 
     def __init__(self, files: dict[str, bytes], column: str, batch_size: int | None):
+        from trainables.models import worker_device
         from trainables.predict import Classifier
 
         self.column = column
-        self.clf = Classifier(_unpack(files), batch_size=batch_size)
+        self.clf = Classifier(_unpack(files), dev=worker_device(), batch_size=batch_size)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         texts = batch[self.column].tolist()

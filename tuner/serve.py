@@ -236,6 +236,7 @@ class ClassifierServer:
 
     def __init__(self, refs: dict[str, str], limits: dict | None = None, batching: dict | None = None,
                  merge: bool = True):
+        from trainables.models import worker_device
         from trainables.predict import ClassifierSet
         from tuner.refs import local_model_folder
 
@@ -243,7 +244,7 @@ class ClassifierServer:
         b = Batching(**(batching or {}))
         self.default = next(iter(refs))
         self.models = ClassifierSet({name: local_model_folder(ref) for name, ref in refs.items()},
-                                    batch_size=b.max_batch_size, merge=merge)
+                                    dev=worker_device(), batch_size=b.max_batch_size, merge=merge)
         t = time.perf_counter()
         self.graphs = self.models.warmup()  # every batch shape captured before the first request
         self.warmup_s = round(time.perf_counter() - t, 2)
