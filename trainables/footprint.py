@@ -43,3 +43,9 @@ def measure(run_config: dict, label_names: list[str]) -> Footprint:
     gc.collect()
     torch.cuda.empty_cache()
     return Footprint(int(peak), int(torch.cuda.get_device_properties(dev).total_memory))
+
+
+def measure_each(run_configs: list[dict], label_names: list[str]) -> list[Footprint]:
+    """:func:`measure` for each run config, one after another in this process (a fresh process spends
+    far longer starting and importing torch and transformers than the fits take)."""
+    return [measure(cfg, label_names) for cfg in run_configs]

@@ -51,11 +51,11 @@ def resolve_auto_gpu(study: StudyConfig, space: SearchSpace, source: str, label_
     else:
         import ray
 
-        from trainables.footprint import measure
+        from trainables.footprint import measure_each
 
-        task = ray.remote(num_gpus=1, num_cpus=1)(measure)
+        task = ray.remote(num_gpus=1, num_cpus=1)(measure_each)
         cfgs = [largest_settings(study, space, a) for a in space.approaches(study.approach)]
-        fps = ray.get([task.remote(cfg, label_names) for cfg in cfgs])  # at once where there are GPUs for it
+        fps = ray.get(task.remote(cfgs, label_names))  # one process: its start and imports are most of the cost
         fp, cfg = max(zip(fps, cfgs), key=lambda pair: pair[0].peak_bytes)
         gpu = share_of_card(fp, cfg, cluster, r.cpu, source)
     return study.model_copy(update={"resources_per_trial": r.model_copy(update={"gpu": gpu})})
