@@ -1,0 +1,48 @@
+"""A quick check, on a GPU node, of the code paths no CPU test can reach:
+- ``worker_device``: a Ray worker given no GPU computes on the CPU, one given a share on its GPU;
+- ``resources_per_trial.gpu: auto`` left to its default: every approach measured in one Ray task.
+
+    bash benchmarks/gpu_run.sh check_gpu_paths.py
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    import ray
+    import yaml
+
+    from tuner.packing import resolve_auto_gpu
+    from tuner.ray_cluster import connect
+    from tuner.study_config import load_study
+
+    connect(None)
+
+    def where() -> str:
+        from trainables.models import worker_device
+
+        return str(worker_device())
+
+    print("worker_device with 0 / 0.5 GPU:", ray.get([ray.remote(num_gpus=0)(where).remote(),
+                                                       ray.remote(num_gpus=0.5)(where).remote()]), flush=True)
+    study = {"model": "tiny-random-llama", "data": {"train": str(ROOT / ".devdata" / "train2000.csv"),
+                                                   "label_names": ["Bearish", "Bullish", "Neutral"]},
+             "search": {"approach": {"choice": ["head", "generation"]}, "training.batch_size": {"choice": [16, 64]}}}
+    path = Path("/tmp/check-study.yaml")
+    path.write_text(yaml.safe_dump(study))
+    s, space = load_study(path)
+    print("default gpu:", s.resources_per_trial.gpu, flush=True)
+    t = time.perf_counter()
+    got = resolve_auto_gpu(s, space, str(path), ["Bearish", "Bullish", "Neutral"], ray.cluster_resources())
+    print(f"resolved gpu: {got.resources_per_trial.gpu:.4g} in {time.perf_counter() - t:.1f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
