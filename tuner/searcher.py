@@ -86,7 +86,8 @@ class PruningAwareOptunaSearch(OptunaSearch):
 
 
 def first_points(space: SearchSpace, fixed_approach: str, base: Callable[[str], dict]) -> list[dict] | None:
-    """The study's first trials, one per approach searched: each runs the study's own settings (by
+    """The study's first trials, one per approach searched (so no study misses an approach by sampling
+    luck): each runs the study's own settings (by
     default the QLoRA recipe: learning rate 2e-4, LoRA r 16, alpha 32, dropout 0.05 on every linear
     layer) wherever the space admits them, so a known-good configuration is measured before TPE
     explores. ``base(approach)`` is the run config tree of that approach; a parameter whose setting
@@ -104,7 +105,7 @@ def first_points(space: SearchSpace, fixed_approach: str, base: Callable[[str], 
 
 def make_searcher(space: SearchSpace, fixed_approach: str, seed: int, num_trials: int, max_epochs: int,
                   metric: str, mode: str, warm_trials: list = (), first: list[dict] | None = None):
-    """``first``: the first trials' parameters (:func:`first_points`; default: each approach once).
+    """``first``: the first trials' parameters (:func:`first_points`), handed out before TPE samples.
     ``warm_trials``: Optuna trials of an earlier study (:mod:`tuner.warm_start`), known to TPE from
     the start: they go into the study that Ray's OptunaSearch loads."""
     import optuna
@@ -114,9 +115,6 @@ def make_searcher(space: SearchSpace, fixed_approach: str, seed: int, num_trials
         seed=seed, multivariate=True, group=True, constant_liar=True,
         n_startup_trials=max(2, min(10, num_trials // 3)),
     )
-    # the first trials cover every approach once, so no study misses one by sampling luck
-    if first is None and "approach" in space.common:
-        first = [{"approach": str(a)} for a in space.common["approach"].choice]
     storage = name = None
     if warm_trials:
         storage, name = optuna.storages.InMemoryStorage(), "warm-started"
