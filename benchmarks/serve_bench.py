@@ -196,12 +196,13 @@ def main() -> None:
 
     from ray import serve
 
-    env = ingress_env(resolve_ingress(a.ingress, Scaling(gpus_per_replica=1.0 if a.gpu else 0.0)))
+    ingress = resolve_ingress(a.ingress, Scaling(gpus_per_replica=1.0 if a.gpu else 0.0))
+    env = ingress_env(ingress)
     os.environ.update(env)  # before the cluster starts, as `qlora-tune serve` does
     connect(None)
     port = 8765
     logging_config = {"enable_access_log": not a.no_access_log}
-    res["serve_options"] = {**logging_config, "ingress": resolve_ingress(a.ingress, Scaling(gpus_per_replica=1.0 if a.gpu else 0.0)), **env}
+    res["serve_options"] = {**logging_config, "ingress": ingress, **env}
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=logging_config)
     url = f"http://127.0.0.1:{port}"
     batching = Batching(a.max_batch_size, a.batch_wait_ms)
