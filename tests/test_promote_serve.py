@@ -121,6 +121,22 @@ def test_predict_with_registry_and_run_refs(promoted, tmp_path):
     assert p.returncode == 2 and "cannot load from MLflow" in p.stderr
 
 
+def test_registry_models_are_fetched_once_per_version(promoted, monkeypatch):
+    from trainables.paths import downloads_dir
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", promoted.tracking_uri)
+    mv = R.client(promoted.tracking_uri).get_model_version_by_alias("tiny-champion", "champion")
+    from tuner.refs import local_model_folder
+
+    by_alias = local_model_folder("models:/tiny-champion@champion")
+    by_version = local_model_folder(f"models:/tiny-champion/{mv.version}")
+    assert by_alias == by_version and by_alias.is_relative_to(downloads_dir())  # the alias resolved to its version
+    mtime = by_alias.stat().st_mtime_ns
+    assert local_model_folder("models:/tiny-champion@champion") == by_alias and by_alias.stat().st_mtime_ns == mtime
+    assert (by_alias / "adapter").is_dir()
+    assert not [p.name for p in downloads_dir().iterdir() if ".tmp-" in p.name]  # nothing half-written left
+
+
 def _post(url: str, body: bytes, timeout: float = 60):
     req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
     try:

@@ -22,6 +22,35 @@ def models_dir() -> Path:
     return p
 
 
+def downloads_dir() -> Path:
+    """Model folders fetched from MLflow or shipped to Ray workers, one per immutable source
+    (:func:`cached_folder`); delete it to free the space."""
+    p = home() / "downloads"
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def cached_folder(final: Path, build: Callable[[Path], None]) -> Path:
+    """``final``, built once by ``build(tmp)`` and renamed into place; a folder already there is
+    used as it is (its source is immutable), and a concurrent builder that renamed first wins. Unlike
+    :func:`build_atomically`, nothing a reader may hold is ever replaced."""
+    final = Path(final)
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        build(tmp)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not final.is_dir():  # not a lost race: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
 def build_atomically(final: Path, build: Callable[[Path], None]) -> Path:
     """Build a folder in a temporary sibling, then rename it into place: no reader ever sees a
     half-written folder, and a failed build leaves nothing behind."""

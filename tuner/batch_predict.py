@@ -19,13 +19,21 @@ def _pack(folder: Path) -> dict[str, bytes]:
 
 
 def _unpack(files: dict[str, bytes]) -> Path:
-    import tempfile
+    """The packed folder on this node, written once per content (:func:`trainables.paths.cached_folder`)."""
+    import hashlib
 
-    root = Path(tempfile.mkdtemp(prefix="qlora-tune-model-"))
-    for rel, data in files.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(data)
-    return root
+    from trainables.paths import cached_folder, downloads_dir
+
+    h = hashlib.sha256()
+    for rel in sorted(files):
+        h.update(rel.encode() + b"\0" + hashlib.sha256(files[rel]).digest())
+
+    def write(root: Path) -> None:
+        for rel, data in files.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(data)
+
+    return cached_folder(downloads_dir() / f"packed-{h.hexdigest()[:20]}", write)
 
 
 class Predictor:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -55,18 +54,40 @@ def tracking_uri() -> str:
     return uri
 
 
+def _resolved(ref: str) -> str:
+    """``ref`` with a registry alias replaced by the version it points at now (a version's artifacts
+    never change; an alias may move)."""
+    if not ref.startswith("models:/") or "@" not in ref:
+        return ref
+    from mlflow import MlflowClient
+
+    name, alias = ref.removeprefix("models:/").rsplit("@", 1)
+    return f"models:/{name}/{MlflowClient().get_model_version_by_alias(name, alias).version}"
+
+
 def download_model_folder(ref: str) -> Path:
-    """``runs:/RUN_ID/PATH`` or ``models:/NAME@ALIAS`` (or ``/VERSION``) -> local output folder."""
+    """``runs:/RUN_ID/PATH`` or ``models:/NAME@ALIAS`` (or ``/VERSION``) -> local output folder, kept
+    in :func:`trainables.paths.downloads_dir` by the resolved version: fetched once, reused after."""
+    import hashlib
+
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
-    dest = Path(tempfile.mkdtemp(prefix="qlora-tune-model-"))
+    from trainables.paths import cached_folder, downloads_dir
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(dest)))
+        source = _resolved(ref)
+        key = hashlib.sha256(f"{uri}\n{source}".encode()).hexdigest()[:20]
+        folder = cached_folder(downloads_dir() / key, lambda tmp: mlflow.artifacts.download_artifacts(
+            artifact_uri=source, dst_path=str(tmp)))
+    except InputError:
+        raise
     except Exception as e:  # noqa: BLE001 - MlflowException, RestException, missing run/model/alias
         msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
         raise InputError(f"--model {ref}: cannot load from MLflow ({msg})") from None
-    return model_dir_of(local, ref)
+    found = sorted(folder.rglob("MLmodel"), key=lambda p: len(p.parts))
+    return model_dir_of(found[0].parent if found else folder, ref)
 
 
 def model_dir_of(local: Path, ref: str) -> Path:
