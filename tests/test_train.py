@@ -61,8 +61,12 @@ def test_generation_loss_only_on_label_tokens(tiny_csv):
     ex = tr.train_examples[0]
     batch = tr.approach.collate([ex], train=True)
     label_tokens = tr.approach.label_ids[ex.label]
-    assert (batch["targets"] != -100).sum() == len(label_tokens)
-    assert batch["targets"][0, ex.prompt_len:len(ex.input_ids)].tolist() == label_tokens
+    assert batch["target_ids"].tolist() == label_tokens
+    # each label token is predicted from the position before it
+    length = batch["input_ids"].shape[1] - 1
+    assert batch["target_pos"].tolist() == [p - 1 for p in range(ex.prompt_len, len(ex.input_ids))]
+    flat = batch["input_ids"][:, 1:].reshape(-1)
+    assert flat[batch["target_pos"]].tolist() == label_tokens and length >= len(ex.input_ids) - 1
     assert batch["input_ids"].shape[1] % tr.cfg.training.pad_to_multiple_of == 0
 
 

@@ -209,13 +209,14 @@ class Trainer:
         for i, idx in enumerate(batches):
             mine = D.share(idx, self.rank, self.world)
             if mine:
-                batch = to_device(self.approach.collate([self.train_examples[j] for j in mine], train=True), self.dev)
+                batch = self.approach.collate([self.train_examples[j] for j in mine], train=True)
+                tokens += int(batch["attention_mask"].sum())  # counted on the CPU: no wait for the GPU
+                batch = to_device(batch, self.dev)
                 with autocast(self.dev, self.bf16):
                     loss = self.approach.loss(self.model, batch, self.class_weights)
                 # this worker's share of the global batch's mean loss
                 (loss * (len(mine) / len(idx)) / t.grad_accum).backward()
                 total_loss += loss.detach() * len(mine)
-                tokens += int(batch["attention_mask"].sum())
             if (i + 1) % t.grad_accum == 0 or i + 1 == len(batches):
                 D.sum_gradients_(self.trainable)
                 if t.max_grad_norm > 0:

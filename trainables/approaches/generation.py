@@ -103,10 +103,14 @@ class GenerationApproach(Approach):
         rows = [(e.input_ids, e.prompt_len) for e in batch] if train else \
             [(e.input_ids + lab, e.prompt_len) for e in batch for lab in self.label_ids]
         ids, mask = self._pad([r for r, _ in rows])
-        targets = torch.full_like(ids, -100)
-        for r, (seq, pl) in enumerate(rows):
-            targets[r, pl: len(seq)] = ids[r, pl: len(seq)]
-        return {"input_ids": ids, "attention_mask": mask, "targets": targets, "labels": labels}
+        # the label tokens, as positions into the flattened [rows, length - 1] predictions: found
+        # here on the CPU, so the model's pass never waits on the GPU to find them
+        length = ids.shape[1] - 1
+        pos = [(r, p, seq[p + 1]) for r, (seq, pl) in enumerate(rows) for p in range(pl - 1, len(seq) - 1)]
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels,
+                "target_pos": torch.tensor([r * length + p for r, p, _ in pos], dtype=torch.long),
+                "target_ids": torch.tensor([t for _, _, t in pos], dtype=torch.long),
+                "target_row": torch.tensor([r for r, _, _ in pos], dtype=torch.long)}
 
     def _token_logits(self, model, batch):
         """Logits only where a label token is predicted: the full-vocabulary projection of every
@@ -114,13 +118,11 @@ class GenerationApproach(Approach):
         decoder, lm_head = _causal_parts(model)
         hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          use_cache=False).last_hidden_state
-        tgt = batch["targets"][:, 1:]
-        sel = tgt != -100
-        logits = lm_head(hidden[:, :-1][sel]).float()
-        return logits, tgt[sel], sel
+        h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, batch["target_pos"])
+        return lm_head(h).float(), batch["target_ids"]
 
     def loss(self, model, batch, class_weights):
-        logits, tgt, _ = self._token_logits(model, batch)
+        logits, tgt = self._token_logits(model, batch)
         return F.cross_entropy(logits, tgt)
 
     def _first_ids_on(self, dev: torch.device) -> torch.Tensor:
@@ -137,10 +139,9 @@ class GenerationApproach(Approach):
             h = hidden[torch.arange(hidden.shape[0], device=hidden.device), batch["last"]]
             logits = lm_head(h).float()
             return torch.log_softmax(logits, -1)[:, self._first_ids_on(logits.device)]
-        logits, tgt, sel = self._token_logits(model, batch)
+        logits, tgt = self._token_logits(model, batch)
         tok_lp = torch.log_softmax(logits, -1).gather(1, tgt[:, None]).squeeze(1)
-        row_of = torch.arange(sel.shape[0], device=sel.device)[:, None].expand_as(sel)[sel]
-        per_row = torch.zeros(sel.shape[0], device=tok_lp.device).index_add_(0, row_of, tok_lp)
+        per_row = torch.zeros(batch["input_ids"].shape[0], device=tok_lp.device).index_add_(0, batch["target_row"], tok_lp)
         return per_row.view(-1, len(self.labels))
 
     @torch.inference_mode()
