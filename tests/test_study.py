@@ -51,6 +51,13 @@ def test_study_over_both_approaches_with_asha(finished_study):
         kept = list(folder.glob("checkpoint_*"))
         assert (not kept) if r.data.tags[R.STATE_TAG] == "stopped_early" else kept, (folder, kept)
     assert parent.data.metrics["storage_bytes"] > 0 and "stopped trials keep none" in s.stdout, s.stdout
+    # where the trials' time went: every part measured, together no more than the runs lasted
+    m = parent.data.metrics
+    shares = [m[f"trial_time_share_{k}"] for k in ("training", "evaluation", "setup", "other")]
+    assert all(v > 0 for v in shares[:3]) and sum(shares) == pytest.approx(1.0), m
+    for r in runs:
+        assert 0 < r.data.metrics["train_seconds_total"] < (r.info.end_time - r.info.start_time) / 1000
+    assert "time in trials" in s.stdout and "training" in s.stdout.split("time in trials")[1], s.stdout
 
 
 def test_warm_start_gives_optuna_the_old_trials_where_the_spaces_agree(finished_study, tmp_path, yaml_file, ray_cluster):
@@ -539,35 +546,56 @@ def test_first_trials_run_the_studys_own_settings_where_the_space_admits_them(tm
 
 
 def test_a_study_without_scheduler_gets_epochs_for_its_data(tmp_path):
-    """No ``scheduler:``: about 1,000 steps for the longest trials at the median searched batch,
-    2 to 8 epochs; a study that sets its scheduler keeps it."""
+    """No ``scheduler:``: about 32,000 examples for the longest trials, 2 to 8 epochs; a study that
+    sets its scheduler keeps it."""
     from tuner.defaults import adapt
-    from tuner.study_config import StudyConfig, parse_search
+    from tuner.study_config import StudyConfig
 
     base = tiny_study(learnable_csv(tmp_path / "d.csv"))
     base.pop("scheduler")
-    base["search"]["training.batch_size"] = {"choice": [16, 32, 64]}
     study = StudyConfig.model_validate(base)
-    space = parse_search(study, "s.yaml")
-    assert [adapt(study, space, rows).scheduler.max_epochs for rows in (2_000, 9_543, 100_000)] == [8, 4, 2]
-    assert adapt(study, space, 9_543).scheduler.grace_period == 1
-    accumulating = StudyConfig.model_validate({**base, "training": {**base["training"], "grad_accum": 2}})
-    assert adapt(accumulating, space, 9_543).scheduler.max_epochs == 7  # batch 64 per step: 150 steps an epoch
+    assert [adapt(study, rows).scheduler.max_epochs for rows in (2_000, 9_543, 100_000)] == [8, 4, 2]
+    assert adapt(study, 9_543).scheduler.grace_period == 1
     set_by_user = StudyConfig.model_validate({**base, "scheduler": {"max_epochs": 3}})
-    assert adapt(set_by_user, space, 2_000).scheduler.max_epochs == 3
+    assert adapt(set_by_user, 2_000).scheduler.max_epochs == 3
+
+
+def test_the_default_space_follows_the_model_size(tmp_path):
+    """No ``search:``: batch sizes for the model's size, the learning-rate range scaled with them by the
+    square-root rule, and (where the file leaves them out) the first trials at the median batch and the
+    QLoRA recipe's rate scaled to it. A study's own settings and search are kept."""
+    from tuner.defaults import default_batches, with_default_search
+    from tuner.study_config import DEFAULT_SEARCH, StudyConfig, parse_search
+
+    assert default_batches(135_000_000) == [32, 64, 128]
+    assert default_batches(1_240_000_000) == [16, 32, 64]
+    assert default_batches(8_030_000_000) == [8, 16, 32]
+    base = tiny_study(learnable_csv(tmp_path / "d.csv"))
+    base.pop("search")
+    base["training"] = {k: v for k, v in base["training"].items() if k not in ("batch_size", "learning_rate")}
+    study = with_default_search(StudyConfig.model_validate(base))  # the tiny model: a small one
+    space = parse_search(study, "s.yaml")
+    assert space.common["training.batch_size"].choice == [32, 64, 128]
+    lo, hi = DEFAULT_SEARCH["training.learning_rate"]["loguniform"]
+    assert space.common["training.learning_rate"].loguniform == pytest.approx([lo * 2**0.5, hi * 2**0.5], rel=1e-2)
+    assert study.training.batch_size == 64 and study.training.learning_rate == pytest.approx(4e-4)
+    assert study.search["approach"] == DEFAULT_SEARCH["approach"]  # the rest of the space as it was
+    own = StudyConfig.model_validate({**base, "training": {**base["training"], "learning_rate": 1e-3}})
+    assert with_default_search(own).training.learning_rate == 1e-3
+    searched = StudyConfig.model_validate({**base, "search": {"lora.r": {"choice": [4, 8]}}})
+    assert with_default_search(searched) is searched
 
 
 def test_a_budgeted_study_without_trial_count_runs_until_its_budget(tmp_path):
     """``time_budget_s`` without ``num_trials``: the budget ends the study (not 8 trials); a count the
     user gives, or no budget, keeps its count."""
     from tuner.defaults import BUDGETED_TRIALS, adapt
-    from tuner.study_config import StudyConfig, parse_search
+    from tuner.study_config import StudyConfig
 
     base = tiny_study(learnable_csv(tmp_path / "d.csv"))
     base.pop("num_trials", None)
     budgeted = StudyConfig.model_validate({**base, "time_budget_s": 450})
-    space = parse_search(budgeted, "s.yaml")
-    assert adapt(budgeted, space, 2_000).num_trials == BUDGETED_TRIALS
-    assert adapt(StudyConfig.model_validate(base), space, 2_000).num_trials == 8
+    assert adapt(budgeted, 2_000).num_trials == BUDGETED_TRIALS
+    assert adapt(StudyConfig.model_validate(base), 2_000).num_trials == 8
     counted = StudyConfig.model_validate({**base, "time_budget_s": 450, "num_trials": 12})
-    assert adapt(counted, space, 2_000).num_trials == 12
+    assert adapt(counted, 2_000).num_trials == 12

@@ -119,7 +119,9 @@ def _train(params: dict[str, Any], ctx: TrialContext, trial_id: str, trial_name:
 
         def on_epoch(rep, tr) -> None:
             m = dict(rep.metrics)
-            m["gpu_seconds"] = ctx.gpu_per_trial * sum(h["train_seconds"] + h.get("eval_seconds", 0) for h in tr.history)
+            m["train_seconds_total"] = sum(h["train_seconds"] for h in tr.history)
+            m["eval_seconds_total"] = sum(h.get("eval_seconds", 0.0) for h in tr.history)
+            m["gpu_seconds"] = ctx.gpu_per_trial * (m["train_seconds_total"] + m["eval_seconds_total"])
             if not main:
                 if rep.epoch == ctx.max_epochs:
                     tr.finish()  # the final evaluation is collective: take part in it

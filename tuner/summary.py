@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -18,6 +19,9 @@ from tuner import importance, storage
 from tuner.console import console
 
 SHOWN = ("training.learning_rate", "lora.r", "training.batch_size")
+TIME_PARTS = {"train_seconds_total": "training", "eval_seconds_total": "evaluation", "setup_seconds": "set-up"}
+"""Where a trial's time goes, as its run logs it; the rest is checkpoints, reports, logging and work
+cut short (by ASHA or the budget) before it was reported."""
 
 
 def _fmt(v) -> str:
@@ -66,6 +70,8 @@ def study_rows(rec) -> pd.DataFrame:
             "approach": run.data.tags.get("approach"), "epochs": max(by_step) if by_step else 0,
             f"last_{study.metric}": values[-1] if values else math.nan, f"best_{study.metric}": best,
             "gpu_seconds": run.data.metrics.get("gpu_seconds", 0.0),
+            "wall_seconds": ((run.info.end_time or time.time() * 1000) - run.info.start_time) / 1000,
+            **{k: run.data.metrics.get(k, 0.0) for k in TIME_PARTS},
             "reason": run.data.tags.get(R.REASON_TAG, ""),
         }
         row.update(P.from_mlflow(run.data.params))
@@ -108,6 +114,15 @@ def plot_metric_by_epoch(rec, df: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
+def time_in_trials(df: pd.DataFrame) -> dict[str, float]:
+    """Seconds the trials' runs lasted, summed, and how they split (:data:`TIME_PARTS`, ``other``)."""
+    if not len(df):
+        return {}
+    total = float(df["wall_seconds"].sum())
+    parts = {name: float(df[k].sum()) for k, name in TIME_PARTS.items()}
+    return {"seconds": total, **parts, "other": max(0.0, total - sum(parts.values()))}
+
+
 def compute_summary(rec, df: pd.DataFrame) -> dict:
     """The study's figures: states, compute, storage (a walk of the study's storage) and parameter
     importances (a fANOVA fit). Computed once per report: pass it on rather than computing it again."""
@@ -120,7 +135,7 @@ def compute_summary(rec, df: pd.DataFrame) -> dict:
         sizes = list(storage.bytes_by_trial(rec.experiment_path).values())
     except OSError:  # storage out of reach (a bucket without credentials here)
         sizes = []
-    return {"trials": len(df), "states": counts, "out_of_gpu_memory": oom,
+    return {"trials": len(df), "states": counts, "out_of_gpu_memory": oom, "time_in_trials": time_in_trials(df),
             "storage_bytes": sum(sizes), "storage_bytes_per_trial_max": max(sizes, default=0),
             "epochs_run": epochs, "epochs_without_early_stopping": budget,
             "compute_saved": 1 - epochs / budget if budget else 0.0,
@@ -140,6 +155,10 @@ def write_study_report(rec, df: pd.DataFrame, summary: dict, seconds: float, fol
     metrics = {"epochs_run": summary["epochs_run"], "compute_saved": summary["compute_saved"],
                "gpu_hours": summary["gpu_hours"], "wall_seconds": seconds,
                "storage_bytes": summary["storage_bytes"], "out_of_gpu_memory_trials": summary["out_of_gpu_memory"]}
+    spent = summary.get("time_in_trials") or {}
+    if spent.get("seconds"):
+        metrics.update({f"trial_time_share_{k.replace('-', '')}": spent[k] / spent["seconds"]
+                        for k in (*TIME_PARTS.values(), "other")})
     if best is not None:
         metrics[f"best_{rec.study.metric}"] = float(best[f"best_{rec.study.metric}"])
         try:
@@ -182,6 +201,12 @@ def print_status(rec, df: pd.DataFrame | None = None, summary: dict | None = Non
                   f"GPU-hours {summary['gpu_hours']:.3f}; states {summary['states']}"
                   + (f"; {summary['out_of_gpu_memory']} ran {OOM_REASON}" if summary["out_of_gpu_memory"] else ""),
                   soft_wrap=True)
+    spent = summary.get("time_in_trials") or {}
+    if spent.get("seconds"):
+        console.print(f"[bold]time in trials[/]: {spent['seconds']:,.0f} s: "
+                      + ", ".join(f"{name} {spent[name] / spent['seconds']:.0%}" for name in TIME_PARTS.values())
+                      + f", other {spent['other'] / spent['seconds']:.0%} (checkpoints, reports, logging, "
+                      "epochs cut short)", soft_wrap=True)
     if summary["storage_bytes"]:
         console.print(f"[bold]storage[/]: {summary['storage_bytes'] / 1e6:.1f} MB of checkpoints and state in "
                       f"{rec.experiment_path} (at most {summary['storage_bytes_per_trial_max'] / 1e6:.1f} MB per "
