@@ -279,6 +279,16 @@ def unquantized_bytes(model, dtype_bytes: int = 2) -> int:
     return total
 
 
+def parameter_count(path: Path, trust_remote_code: bool = False) -> int:
+    """Parameters of the causal LM at ``path``, counted from its config on the meta device (no weights read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return sum(p.numel() for p in model.parameters())
+
+
 def dequantize_base_wanted(setting, quantization: str, base, dev: torch.device) -> bool:
     """Whether to train on the dequantized base (``training.dequantize_base``)."""
     if quantization == "none" or setting is False:

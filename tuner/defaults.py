@@ -1,9 +1,15 @@
-"""Defaults that adapt to the study's data: what a study file leaves out is decided here, once, before
-Ray starts, and recorded with the study (its config in MLflow shows the resolved values).
+"""Defaults that adapt to the study's data and model: what a study file leaves out is decided here,
+once, before Ray starts, and recorded with the study (its config in MLflow shows the resolved values).
 
-* ``scheduler`` left out: the longest trials get about :data:`TARGET_STEPS` optimizer steps, so
-  ``max_epochs`` follows the training rows and the (typical) batch size, between 2 and 8 epochs; ASHA's
-  rungs (1, 2, 4, ... epochs) follow from it. Few rows get more epochs, many rows fewer.
+* ``search`` left out: the default space (:data:`tuner.study_config.DEFAULT_SEARCH`) with batch sizes
+  for the model's size (:func:`default_batches`: a small model's step costs about the same at batch 128
+  as at 16, so small batches waste the GPU; a large model's batches must fit) and the learning-rate
+  range scaled with them (square-root rule, :func:`scaled_learning_rate`). The study's own batch size
+  and learning rate, where the file leaves them out, become the median batch and its scaled rate: they
+  are the first trials' settings.
+* ``scheduler`` left out: the longest trials see about :data:`TARGET_EXAMPLES` training examples, so
+  ``max_epochs`` follows the training rows, between 2 and 8 epochs; ASHA's rungs (1, 2, 4, ... epochs)
+  follow from it. Few rows get more epochs, many rows fewer.
 * ``num_trials`` left out: 8, or, with ``time_budget_s``, as many as the budget allows (the budget
   ends the study, not a trial count picked without knowing how fast trials run).
 * The first trial of each approach runs the study's own settings (:func:`tuner.searcher.first_points`).
@@ -11,40 +17,71 @@ Ray starts, and recorded with the study (its config in MLflow shows the resolved
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 
 from tuner.console import console
-from tuner.study_config import SchedulerSettings, SearchSpace, StudyConfig
+from tuner.study_config import DEFAULT_SEARCH, SchedulerSettings, StudyConfig
 
-TARGET_STEPS = 1000
-"""Optimizer steps for a trial that runs to ``max_epochs`` (LoRA classification fine-tunes settle within
-a few hundred to a few thousand steps)."""
+TARGET_EXAMPLES = 32_000
+"""Training examples a trial that runs to ``max_epochs`` sees (LoRA classification fine-tunes settle
+within about a thousand steps at batch 32; with the learning rate following the batch, examples, not
+steps, measure the work)."""
 EPOCH_BOUNDS = (2, 8)
 BUDGETED_TRIALS = 10_000
 """``num_trials`` of a study with a time budget and no trial count: more than any budget runs."""
+REFERENCE_BATCH = 32
+"""The batch size the default learning-rate range is given for."""
+QLORA_RECIPE = (16, 2e-4)
+"""The QLoRA paper's batch size and learning rate: the anchor of the first trials' learning rate."""
+BATCHES_BY_SIZE = ((0.5e9, [32, 64, 128]), (3e9, [16, 32, 64]), (math.inf, [8, 16, 32]))
+"""Default batch sizes by the model's parameter count (at most)."""
 
 
-def typical_batch(study: StudyConfig, space: SearchSpace) -> int:
-    """Examples per optimizer step of a typical trial: the median searched batch size (else the
-    study's) times the gradient accumulation."""
-    d = space.common.get("training.batch_size")
-    if d is not None and d.kind == "choice":
-        batch = int(statistics.median_low(sorted(int(c) for c in d.choice)))
-    elif d is not None and d.kind == "int":
-        batch = int(round(math.sqrt(d.int[0] * d.int[1])))
-    else:
-        batch = study.training.batch_size
-    return batch * study.training.grad_accum
+def default_batches(parameters: int) -> list[int]:
+    return next(b for limit, b in BATCHES_BY_SIZE if parameters <= limit)
 
 
-def adaptive_max_epochs(train_rows: int, batch: int) -> int:
-    steps_per_epoch = max(1, math.ceil(train_rows / max(1, batch)))
+def scaled_learning_rate(lr: float, batch: int, reference: int) -> float:
+    """``lr`` given for ``reference`` examples per step, moved to ``batch`` by the square-root rule."""
+    return lr * math.sqrt(batch / reference)
+
+
+def with_default_search(study: StudyConfig) -> StudyConfig:
+    """A study without ``search``: the default space for its model, written into the study."""
+    if study.search is not None:
+        return study
+    from trainables.models import parameter_count, resolve_model
+
+    n = parameter_count(resolve_model(study.model), study.trust_remote_code)
+    batches = default_batches(n)
+    median = int(statistics.median_low(batches))
+    scale = math.sqrt(median * study.training.grad_accum / REFERENCE_BATCH)
+    search = copy.deepcopy(DEFAULT_SEARCH)
+    search["training.batch_size"] = {"choice": batches}
+    search["training.learning_rate"] = {"loguniform": [float(f"{v * scale:.3g}") for v in
+                                                       DEFAULT_SEARCH["training.learning_rate"]["loguniform"]]}
+    training = study.training
+    first = {}
+    if "batch_size" not in training.model_fields_set:
+        first["batch_size"] = median
+    if "learning_rate" not in training.model_fields_set:
+        batch, lr = QLORA_RECIPE
+        first["learning_rate"] = float(f"{scaled_learning_rate(lr, median * training.grad_accum, batch):.3g}")
+    console.print(f"search (default, for a model of {n / 1e6:,.0f}M parameters): batch sizes {batches}, learning "
+                  f"rate {search['training.learning_rate']['loguniform']}"
+                  + (f"; first trials at {', '.join(f'{k} {v:g}' for k, v in first.items())}" if first else ""),
+                  soft_wrap=True)
+    return study.model_copy(update={"search": search, "training": training.model_copy(update=first)})
+
+
+def adaptive_max_epochs(train_rows: int) -> int:
     lo, hi = EPOCH_BOUNDS
-    return max(lo, min(hi, math.ceil(TARGET_STEPS / steps_per_epoch)))
+    return max(lo, min(hi, math.ceil(TARGET_EXAMPLES / max(1, train_rows))))
 
 
-def adapt(study: StudyConfig, space: SearchSpace, train_rows: int) -> StudyConfig:
+def adapt(study: StudyConfig, train_rows: int) -> StudyConfig:
     """``study`` with the defaults it left out decided for its data (see the module docstring)."""
     if "num_trials" not in study.model_fields_set and study.time_budget_s is not None:
         study = study.model_copy(update={"num_trials": BUDGETED_TRIALS})
@@ -52,9 +89,7 @@ def adapt(study: StudyConfig, space: SearchSpace, train_rows: int) -> StudyConfi
                       "budget ends", soft_wrap=True)
     if "scheduler" in study.model_fields_set:
         return study
-    batch = typical_batch(study, space)
-    epochs = adaptive_max_epochs(train_rows, batch)
+    epochs = adaptive_max_epochs(train_rows)
     console.print(f"scheduler (default, from the data): max_epochs {epochs} for {train_rows:,} training rows "
-                  f"at batch {batch} (about {TARGET_STEPS:,} steps for the longest trials), ASHA from epoch 1",
-                  soft_wrap=True)
+                  f"(about {TARGET_EXAMPLES:,} examples for the longest trials), ASHA from epoch 1", soft_wrap=True)
     return study.model_copy(update={"scheduler": SchedulerSettings(max_epochs=epochs)})

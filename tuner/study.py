@@ -19,7 +19,7 @@ from tuner import tracking
 from tuner.console import console
 from tuner.ray_cluster import check_resources, connect, local_gpus
 from tuner.records import StudyRecord, check_name
-from tuner.study_config import StudyConfig, load_study
+from tuner.study_config import StudyConfig, load_study, parse_search
 
 # ------------------------------------------------------------------ run / resume
 
@@ -74,10 +74,13 @@ def run_study(path: Path, overrides: list[str], name: str | None, address: str |
 
         check_resources(study, str(path), {"GPU": local_gpus(), "CPU": psutil.cpu_count()})
     from trainables.data import load_dataset
-    from tuner.defaults import BUDGETED_TRIALS, adapt
+    from tuner.defaults import BUDGETED_TRIALS, adapt, with_default_search
 
     data = load_dataset(study.data)  # bad data fails here, before Ray starts
-    study = adapt(study, space, len(data.train.texts))
+    if study.search is None:
+        study = with_default_search(study)
+        space = parse_search(study, str(path))
+    study = adapt(study, len(data.train.texts))
     uri = tracking.resolve_tracking_uri(study.tracking.tracking_uri)
     tracking.require_server(uri)
     warm: list = []

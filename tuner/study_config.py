@@ -167,8 +167,8 @@ DEFAULT_SEARCH = {
     # LoRA's usual learning rates (QLoRA's 2e-4 inside; below 1e-4 a short trial barely moves), batches
     # that keep a GPU fed, adapters on every linear layer (attention-only ones learn less per trial)
     "approach": {"choice": list(APPROACHES)},
-    "training.learning_rate": {"loguniform": [1e-4, 1e-3]},
-    "training.batch_size": {"choice": [16, 32, 64]},
+    "training.learning_rate": {"loguniform": [1e-4, 1e-3]},  # at batch 32; scaled with the batch (tuner.defaults)
+    "training.batch_size": {"choice": [16, 32, 64]},  # a 0.5-3B model's; smaller models get larger batches
     "training.warmup_ratio": {"uniform": [0.0, 0.1]},
     "training.weight_decay": {"choice": [0.0, 0.01, 0.1]},
     "lora.r": {"choice": [8, 16, 32]},
