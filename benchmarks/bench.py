@@ -412,8 +412,11 @@ def bench_quality(study_yaml: str = str(ROOT / "benchmarks" / "tfns-8min.yaml"),
     resolve_model(yaml.safe_load(Path(study_yaml).read_text())["model"])  # the GGUF converted once, before the clock
     t = time.time()
     name = name or f"{Path(study_yaml).stem}-{int(t)}"
-    p = subprocess.run([sys.executable, "-m", "tuner.cli", "run", study_yaml, "--name", name, *run_args],
-                       cwd=ROOT, capture_output=True, text=True)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = [int(g) for g in visible.split(",")] if visible else list(range(torch.cuda.device_count()))
+    with GpuSampler(gpus) as gs:
+        p = subprocess.run([sys.executable, "-m", "tuner.cli", "run", study_yaml, "--name", name, *run_args],
+                           cwd=ROOT, capture_output=True, text=True)
     print(p.stdout[-6000:], p.stderr[-3000:])
     from tuner.records import StudyRecord
     from tuner.summary import compute_summary, study_rows
@@ -425,6 +428,8 @@ def bench_quality(study_yaml: str = str(ROOT / "benchmarks" / "tfns-8min.yaml"),
     save({key: float(best["best_eval_accuracy"]),
           f"{key}_study": {"name": name, "file": Path(study_yaml).name, "args": list(run_args), "trials": int(len(df)),
                            "states": s["states"], "epochs_run": s["epochs_run"], "wall_s": round(time.time() - t, 1),
+                           "gpu_util": gs.busy(), "time_in_trials": s["time_in_trials"],
+                           "max_epochs": rec.study.scheduler.max_epochs,
                            "best_approach": str(best["approach"]),
                            "best_params": {k: (v.item() if hasattr(v, "item") else v) for k, v in best.items()
                                            if str(k).startswith(("training.", "lora.", "head", "generation")) and v == v}}})
