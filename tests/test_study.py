@@ -84,6 +84,20 @@ def test_warm_start_gives_optuna_the_old_trials_where_the_spaces_agree(finished_
     state = pickle.loads(max(Path(rec.experiment_path).glob("searcher-state-*.pkl")).read_bytes())
     trials = state["_ot_study"].trials
     assert len(trials) == 8 and sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials[:6]) == 6
+    # the first new trials rerun the old study's best of each approach, with what carries over
+    from tuner.study_config import StudyConfig, parse_search
+    from tuner.summary import study_rows
+    from tuner.warm_start import warm_trials
+
+    df = study_rows(finished_study)
+    new = StudyConfig.model_validate(cfg)
+    first = warm_trials(finished_study, new, parse_search(new, "s.yaml"))[2]
+    assert [p["approach"] for p in first] == ["head", "generation"], first
+    for point in first:
+        same = df[df["approach"] == point["approach"]]
+        tops = same[same["best_eval_f1_macro"] == same["best_eval_f1_macro"].max()]  # one of them, if tied
+        assert point.get("lora.r") in [int(r) if r in ("4", "16") else None for r in tops["lora.r"]], (point, tops)
+    assert [{k: t.params[k] for k in p} for t, p in zip(trials[6:], first)] == first
 
 
 @pytest.mark.parametrize("reuse", [False, True], ids=["fresh-actors", "reused-actors"])

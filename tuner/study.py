@@ -84,11 +84,13 @@ def run_study(path: Path, overrides: list[str], name: str | None, address: str |
     uri = tracking.resolve_tracking_uri(study.tracking.tracking_uri)
     tracking.require_server(uri)
     warm: list = []
+    first: list[dict] | None = None
     if old is not None:
         from tuner.warm_start import warm_trials
 
-        warm, notes = warm_trials(old, study, space)
-        console.print(f"[bold]warm start[/] from {old.name}: {len(warm)} trial(s) carried over"
+        warm, notes, first = warm_trials(old, study, space)
+        console.print(f"[bold]warm start[/] from {old.name}: {len(warm)} trial(s) carried over; the first "
+                      f"trials rerun its best of each approach ({len(first)})"
                       + ("".join(f"\n  {n}" for n in notes) if notes else ""), soft_wrap=True)
     connect(address)
     import ray
@@ -115,7 +117,8 @@ def run_study(path: Path, overrides: list[str], name: str | None, address: str |
         c.log_text(rec.parent_run_id, json.dumps(rec.config, indent=2), "study_config.json")
         c.log_text(rec.parent_run_id, json.dumps(space.describe(), indent=2), "search_space.json")
         tuner = tune.Tuner(_trainable(rec, res),
-                           tune_config=_tune_config(study, space, _concurrency(study, res, ray.cluster_resources()), warm),
+                           tune_config=_tune_config(study, space, _concurrency(study, res, ray.cluster_resources()),
+                                                    warm, first),
                            run_config=_run_config(rec, study))
     except BaseException as e:  # the parent run must not stay RUNNING
         finish_study(rec, interrupted=True, seconds=0.0, reason=f"{type(e).__name__}: {e}")
@@ -152,7 +155,10 @@ def resume_study(name: str, address: str | None) -> StudyRecord:
     return _fit(tuner, rec)
 
 
-def _tune_config(study: StudyConfig, space, max_concurrent: int | None, warm_trials: list = ()):
+def _tune_config(study: StudyConfig, space, max_concurrent: int | None, warm_trials: list = (),
+                 first: list[dict] | None = None):
+    """Ray Tune's settings for the study; ``first``: the first trials' parameters (default: the
+    study's own settings, :func:`tuner.searcher.first_points`)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -166,7 +172,8 @@ def _tune_config(study: StudyConfig, space, max_concurrent: int | None, warm_tri
         metric=study.metric, mode=study.mode, num_samples=study.num_trials, scheduler=scheduler,
         search_alg=make_searcher(space, study.approach, study.seed, study.num_trials, sch.max_epochs,
                                  study.metric, study.mode, warm_trials,
-                                 None if warm_trials else first_points(space, study.approach, lambda a: _run_tree(study, a))),
+                                 first if first is not None else
+                                 first_points(space, study.approach, lambda a: _run_tree(study, a))),
         max_concurrent_trials=max_concurrent,
         reuse_actors=_reuse_actors(study), time_budget_s=study.time_budget_s,
     )

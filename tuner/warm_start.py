@@ -1,7 +1,9 @@
 """``run --warm-start OLD``: an earlier study's trials, as MLflow recorded them, given to Optuna as
 trials of the new study wherever the two search spaces agree (for tuning the same task again on new
 data). A trial that ran to the end becomes a complete trial with its final value; one that ASHA
-stopped a pruned trial with its per-epoch values, as the old study's Optuna saw them."""
+stopped a pruned trial with its per-epoch values, as the old study's Optuna saw them. The old study's
+best trial of each approach is also the new study's first trial of that approach (enqueued), so the
+configuration known to be best is measured on the new data before TPE explores."""
 
 from __future__ import annotations
 
@@ -14,9 +16,10 @@ from tuner.searcher import mlflow_value, optuna_distribution
 from tuner.study_config import SearchSpace, StudyConfig
 
 
-def warm_trials(old, study: StudyConfig, space: SearchSpace) -> tuple[list, list[str]]:
-    """Optuna trials for ``study`` from the finished trials of study record ``old``, and one line per
-    parameter that could not be carried over (in full or for some trials)."""
+def warm_trials(old, study: StudyConfig, space: SearchSpace) -> tuple[list, list[str], list[dict]]:
+    """Optuna trials for ``study`` from the finished trials of study record ``old``, one line per
+    parameter that could not be carried over (in full or for some trials), and the first trials: the
+    carried-over parameters of ``old``'s best trial of each approach (the rest is sampled)."""
     import optuna
 
     from tuner.summary import study_rows
@@ -27,6 +30,8 @@ def warm_trials(old, study: StudyConfig, space: SearchSpace) -> tuple[list, list
     df = study_rows(old)
     approaches = space.approaches(study.approach)
     trials, outside, missing, other_approach = [], {}, {}, 0
+    best: dict[str, tuple[float, dict]] = {}  # approach -> (value, its carried-over parameters)
+    sign = 1 if (study.mode or "max") == "max" else -1
     old_keys = {k for k in df.columns if "." in k or k == "approach"} if len(df) else set()
     for _, row in df.iterrows():
         history = [v for _, v in row["_history"] if not math.isnan(v)]
@@ -56,6 +61,9 @@ def warm_trials(old, study: StudyConfig, space: SearchSpace) -> tuple[list, list
             trial = optuna.trial.create_trial(params=params, distributions=dists, state=optuna.trial.TrialState.PRUNED,
                                               intermediate_values=dict(enumerate(history, 1)))
         trials.append(trial)
+        value = sign * row[f"best_{study.metric}"]
+        if approach not in best or value > best[approach][0]:
+            best[approach] = (value, params)
     notes = [f"{k}: not searched by {old.name} ({n} trial(s) carried over without it)" for k, n in missing.items()]
     notes += [f"{k}: outside this space in {n} trial(s) (carried over without it)" for k, n in outside.items()]
     dropped = sorted(old_keys - {k for k in space.common} - {k for b in space.blocks.values() for k in b}
@@ -63,7 +71,7 @@ def warm_trials(old, study: StudyConfig, space: SearchSpace) -> tuple[list, list
     notes += [f"{k}: not in this space (the old values are ignored)" for k in dropped if _searched(df, k)]
     if other_approach:
         notes.append(f"approach: {other_approach} trial(s) of approaches this study does not search were left out")
-    return trials, notes
+    return trials, notes, [best[a][1] for a in approaches if a in best and best[a][1]]
 
 
 def _searched(df: pd.DataFrame, key: str) -> bool:
