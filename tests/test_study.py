@@ -559,6 +559,31 @@ def test_first_trials_run_the_studys_own_settings_where_the_space_admits_them(tm
     assert got == [{"lora.r": r, "head:head.class_weights": "none"}], got
 
 
+def test_no_trial_starts_that_the_budget_would_cut_before_its_first_epoch(tmp_path):
+    """With a time budget, once the time left is under the median time trials took to their first
+    report, the searcher tells Tune it is finished; until a trial has reported, it cannot know."""
+    from ray.tune.search import Searcher
+
+    from tuner.searcher import make_searcher
+    from tuner.study_config import StudyConfig, parse_search
+
+    study = StudyConfig.model_validate(tiny_study(learnable_csv(tmp_path / "d.csv")))
+    space = parse_search(study, "s.yaml")
+
+    def searcher(budget):
+        s = make_searcher(space, "head", 0, 100, 4, "eval_f1_macro", "max", time_budget_s=budget)
+        for i in range(3):
+            assert isinstance(s.suggest(f"t{i}"), dict)  # nothing reported yet: trials start
+        for i, seconds in enumerate((30.0, 40.0, 500.0)):
+            s.on_trial_result(f"t{i}", {"epoch": 1, "time_total_s": seconds, "eval_f1_macro": 0.5,
+                                        "training_iteration": 1})
+        return s
+
+    assert searcher(30).suggest("late") == Searcher.FINISHED  # 30 s left at most, trials need 40 (the median)
+    assert isinstance(searcher(3600).suggest("early"), dict)
+    assert isinstance(make_searcher(space, "head", 0, 100, 4, "eval_f1_macro", "max").suggest("x"), dict)
+
+
 def test_a_study_without_scheduler_gets_epochs_for_its_data(tmp_path):
     """No ``scheduler:``: about 32,000 examples for the longest trials, 2 to 8 epochs; a study that
     sets its scheduler keeps it."""

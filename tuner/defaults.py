@@ -69,7 +69,8 @@ def with_default_search(study: StudyConfig) -> StudyConfig:
     if "learning_rate" not in training.model_fields_set:
         batch, lr = QLORA_RECIPE
         first["learning_rate"] = float(f"{scaled_learning_rate(lr, median * training.grad_accum, batch):.3g}")
-    console.print(f"search (default, for a model of {n / 1e6:,.0f}M parameters): batch sizes {batches}, learning "
+    size = f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+    console.print(f"search (default, for a model of {size} parameters): batch sizes {batches}, learning "
                   f"rate {search['training.learning_rate']['loguniform']}"
                   + (f"; first trials at {', '.join(f'{k} {v:g}' for k, v in first.items())}" if first else ""),
                   soft_wrap=True)

@@ -10,13 +10,17 @@ complete trials by value and puts pruned ones after them, ordered by how far the
 from __future__ import annotations
 
 import json
+import statistics
+import time
 from typing import Any, Callable
 
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from trainables import compat
 from trainables import params as P
 from trainables.config import get_dotted
+from tuner.console import console
 from tuner.study_config import Distribution, SearchSpace
 
 
@@ -71,11 +75,43 @@ class DefineByRun:
 
 
 class PruningAwareOptunaSearch(OptunaSearch):
-    """OptunaSearch that reports ASHA-stopped trials to Optuna as PRUNED (see module docstring)."""
+    """OptunaSearch that reports ASHA-stopped trials to Optuna as PRUNED (see module docstring).
 
-    def __init__(self, *args, max_epochs: int, **kwargs):
+    With a ``time_budget_s`` it also starts no trial that could not report once before the budget
+    ends: once the time left is under the median time trials took to their first report, it tells
+    Tune the search is finished, and the running trials keep the GPUs to themselves. (A trial cut
+    before its first epoch only takes a share of the cards from those that would have finished one.)"""
+
+    def __init__(self, *args, max_epochs: int, time_budget_s: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._max_epochs = max_epochs
+        self._budget_s = time_budget_s
+        self._first_report_s: list[float] = []
+        self._clock: float | None = None  # when this process first asked for a trial (Tune's budget starts then)
+
+    def _seconds_left(self) -> float | None:
+        return None if self._budget_s is None or self._clock is None else self._budget_s - (time.monotonic() - self._clock)
+
+    def suggest(self, trial_id: str):
+        if self._clock is None:
+            self._clock = time.monotonic()
+        left = self._seconds_left()
+        if left is not None and self._first_report_s:
+            need = statistics.median(self._first_report_s)
+            if left < need:
+                console.print(f"time budget: no new trials in the last {left:.0f} s (trials took {need:.0f} s to "
+                              "their first epoch)", soft_wrap=True)
+                return Searcher.FINISHED
+        return super().suggest(trial_id)
+
+    def on_trial_result(self, trial_id: str, result: dict):
+        if result.get("epoch") == 1 and "time_total_s" in result:
+            self._first_report_s.append(float(result["time_total_s"]))
+        super().on_trial_result(trial_id, result)
+
+    def restore(self, checkpoint_path: str):
+        super().restore(checkpoint_path)
+        self._clock = None  # a resumed study's budget starts again
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         stopped_early = not error and result and result.get("epoch", self._max_epochs) < self._max_epochs
@@ -104,7 +140,8 @@ def first_points(space: SearchSpace, fixed_approach: str, base: Callable[[str], 
 
 
 def make_searcher(space: SearchSpace, fixed_approach: str, seed: int, num_trials: int, max_epochs: int,
-                  metric: str, mode: str, warm_trials: list = (), first: list[dict] | None = None):
+                  metric: str, mode: str, warm_trials: list = (), first: list[dict] | None = None,
+                  time_budget_s: float | None = None):
     """``first``: the first trials' parameters (:func:`first_points`), handed out before TPE samples.
     ``warm_trials``: Optuna trials of an earlier study (:mod:`tuner.warm_start`), known to TPE from
     the start: they go into the study that Ray's OptunaSearch loads."""
@@ -122,4 +159,4 @@ def make_searcher(space: SearchSpace, fixed_approach: str, seed: int, num_trials
                             direction="minimize" if mode == "min" else "maximize").add_trials(list(warm_trials))
     return PruningAwareOptunaSearch(space=DefineByRun(space, fixed_approach), sampler=sampler,
                                     metric=metric, mode=mode, max_epochs=max_epochs, points_to_evaluate=first,
-                                    storage=storage, study_name=name)
+                                    storage=storage, study_name=name, time_budget_s=time_budget_s)

@@ -173,7 +173,8 @@ def _tune_config(study: StudyConfig, space, max_concurrent: int | None, warm_tri
         search_alg=make_searcher(space, study.approach, study.seed, study.num_trials, sch.max_epochs,
                                  study.metric, study.mode, warm_trials,
                                  first if first is not None else
-                                 first_points(space, study.approach, lambda a: _run_tree(study, a))),
+                                 first_points(space, study.approach, lambda a: _run_tree(study, a)),
+                                 study.time_budget_s),
         max_concurrent_trials=max_concurrent,
         reuse_actors=_reuse_actors(study), time_budget_s=study.time_budget_s,
     )
