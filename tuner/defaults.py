@@ -54,7 +54,13 @@ def with_default_search(study: StudyConfig) -> StudyConfig:
         return study
     from trainables.models import parameter_count, resolve_model
 
-    n = parameter_count(resolve_model(study.model), study.trust_remote_code)
+    path = resolve_model(study.model)  # a model that cannot be had fails here, with its one line
+    try:
+        n = parameter_count(path, study.trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - a config transformers cannot build on the meta device
+        n = int(BATCHES_BY_SIZE[1][0])
+        console.print(f"search (default): could not count the parameters of {study.model} ({type(e).__name__}); "
+                      f"using the batch sizes of a {n / 1e9:.0f}B model", soft_wrap=True)
     batches = default_batches(n)
     median = int(statistics.median_low(batches))
     scale = math.sqrt(median * study.training.grad_accum / REFERENCE_BATCH)
