@@ -24,7 +24,10 @@ def quiet_libraries() -> None:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     warnings.filterwarnings("ignore")
-    for name in ("transformers", "peft", "bitsandbytes", "datasets", "accelerate", "mlflow"):
+    for name in ("transformers", "peft", "bitsandbytes", "datasets", "accelerate", "mlflow",
+                 # "Failed to fetch metrics" for a trial the time budget ended before it reported:
+                 # the study's summary already says so, from MLflow
+                 "ray.tune.analysis.experiment_analysis"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         import transformers
