@@ -31,7 +31,7 @@ def warm_trials(old, study: StudyConfig, space: SearchSpace) -> tuple[list, list
     approaches = space.approaches(study.approach)
     trials, outside, missing, other_approach = [], {}, {}, 0
     best: dict[str, tuple[float, dict]] = {}  # approach -> (value, its carried-over parameters)
-    sign = 1 if (study.mode or "max") == "max" else -1
+    sign = 1 if study.mode == "max" else -1
     old_keys = {k for k in df.columns if "." in k or k == "approach"} if len(df) else set()
     for _, row in df.iterrows():
         history = [v for _, v in row["_history"] if not math.isnan(v)]
