@@ -8,6 +8,7 @@ card as its baseline; results go to benchmarks/results.json (merged) and are pri
     python benchmarks/bench.py asha       # 5 ASHA against the same study without early stopping
     python benchmarks/bench.py quality [STUDY.yaml KEY NAME ARGS...]  # issue 16: the best valid accuracy of a budgeted study
     python benchmarks/bench.py study TAG YAML [key=value ...]   # any study: trials/hour, GPU use
+    python benchmarks/bench.py refit [STUDY.yaml SEEDS key=value ...]  # issue 16: promote --refit vs none, mean test accuracy
 
 Needs the twitter-financial-news CSVs in .devdata/ and a CUDA GPU.
 """
@@ -560,8 +561,44 @@ def bench_asha(study_yaml: str = str(ROOT / "benchmarks" / "asha.yaml"), *sets: 
           "asha_best": a["best"], "asha_noes_best": n["best"], "asha_best_gap": n["best"] - a["best"]})
 
 
+def bench_refit(study_yaml: str = str(ROOT / "benchmarks" / "sls-refit.yaml"), seeds: str = "3", *sets: str) -> None:
+    """Issue 16: ``promote --refit`` against no refit, on test accuracy averaged over study seeds. Each
+    seed runs the (short, budgeted) study, then promotes its best trial with ``--refit``; the registry
+    holds both test figures. Saved under ``refit_test_accuracy``."""
+    import subprocess
+
+    from mlflow import MlflowClient
+
+    from trainables.models import resolve_model
+    from tuner.records import StudyRecord
+
+    import yaml
+
+    resolve_model(yaml.safe_load(Path(study_yaml).read_text())["model"])
+    rows = []
+    for seed in range(int(seeds)):
+        name = f"{Path(study_yaml).stem}-seed{seed}-{int(time.time())}"
+        # the searcher's seed and the trials' (adapter initialisation, data order, dropout)
+        args = ["--set", f"seed={seed}", "--set", f"training.seed={seed}"] + [a for kv in sets for a in ("--set", kv)]
+        for cmd in (["run", study_yaml, "--name", name, *args],
+                    ["promote", name, "--refit", "--force", "--model-name", name]):
+            p = subprocess.run([sys.executable, "-m", "tuner.cli", *cmd], cwd=ROOT, capture_output=True, text=True)
+            print(p.stdout[-1500:], p.stderr[-1500:], flush=True)
+            if p.returncode:
+                raise SystemExit(f"{cmd[0]} failed for seed {seed}")
+        rec = StudyRecord.load(name)
+        c = MlflowClient(rec.tracking_uri)
+        mv = c.get_model_version_by_alias(name, "champion")
+        rows.append({"seed": seed, "refit": float(mv.tags["test_accuracy"]),
+                     "without_refit": float(mv.tags["test_accuracy_without_refit"]),
+                     "refit_epochs": int(mv.tags["refit_epochs"]), "refit_rows": int(mv.tags["refit_train_rows"])})
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("refit", "without_refit")}
+    save({"refit_test_accuracy": mean["refit"], "refit_test_accuracy_without": mean["without_refit"],
+          "refit_card": card(), "refit_runs": {"file": Path(study_yaml).name, "sets": list(sets), "seeds": rows}})
+
+
 if __name__ == "__main__":
     parts = {"speed": bench_speed, "packing": bench_packing, "mfu": bench_mfu, "quality": bench_quality,
              "study": bench_study, "asha": bench_asha,
-             "setup": bench_setup}
+             "setup": bench_setup, "refit": bench_refit}
     parts[sys.argv[1]](*sys.argv[2:])
