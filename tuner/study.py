@@ -201,9 +201,9 @@ def _run_config(rec: StudyRecord, study: StudyConfig):
 
     return tune.RunConfig(
         name=rec.name, storage_path=rec.storage_path, verbose=0,
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=study.keep_checkpoints,
-                                                checkpoint_score_attribute=study.metric,
-                                                checkpoint_score_order=study.mode),
+        # the newest: each holds the resume state and the best model so far (scored ones would add
+        # Ray's always-kept latest on top of the best: two or three copies of a trial's state)
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=study.keep_checkpoints),
         failure_config=tune.FailureConfig(max_failures=study.max_failures),
         callbacks=[StudyCallback(rec.name, rec.tracking_uri, rec.experiment_id, rec.parent_run_id, study.scheduler.max_epochs,
                                  study.metric, study.mode)],

@@ -118,7 +118,9 @@ class StudyConfig(RunConfig):
     storage: str | None = None
     """Where Ray keeps trial checkpoints: a local folder (default: the qlora-tune home), a shared
     path or ``s3://...`` on multi-node clusters."""
-    keep_checkpoints: int = Field(2, ge=1)
+    keep_checkpoints: int = Field(1, ge=1)
+    """Checkpoints Ray keeps per trial, the newest: each holds the resume state and the trial's best
+    model so far, so one is enough."""
     reuse_actors: bool = False
     """Run trial after trial in the same Ray worker, which keeps the tokenizer, the tokenized splits
     and a pristine quantized base: no process start, imports, tokenizing or model load per trial
