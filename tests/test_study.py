@@ -56,7 +56,10 @@ def test_study_over_both_approaches_with_asha(finished_study):
     shares = [m[f"trial_time_share_{k}"] for k in ("training", "evaluation", "setup", "other")]
     assert all(v > 0 for v in shares[:3]) and sum(shares) == pytest.approx(1.0), m
     for r in runs:
-        assert 0 < r.data.metrics["train_seconds_total"] < (r.info.end_time - r.info.start_time) / 1000
+        m = r.data.metrics
+        assert 0 < m["train_seconds_total"] < (r.info.end_time - r.info.start_time) / 1000
+        parts = [m[f"setup_{k}_seconds"] for k in ("data", "base", "adapters", "optimizer")]  # what set-up spent
+        assert sum(parts) == pytest.approx(m["setup_seconds"]) and min(parts) >= 0, m
     assert "time in trials" in s.stdout and "training" in s.stdout.split("time in trials")[1], s.stdout
 
 

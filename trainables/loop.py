@@ -128,21 +128,27 @@ class Trainer:
         t = cfg.training
         self.bf16 = use_bf16(cfg, self.dev)
         t0 = time.perf_counter()
+        self.setup_parts: dict[str, float] = {}
+        """Seconds of each part of the set-up: ``data`` (tokenizer, tokenized splits), ``base`` (load,
+        quantize or copy, dequantize), ``adapters`` (fresh weights, LoRA, compiling), ``optimizer``."""
         self.model_path = resolve_model(cfg.model)
         self.tokenizer = load_tokenizer(self.model_path, cfg.trust_remote_code, reuse=reuse)
         self.approach = make_approach(self.tokenizer, data.label_names, cfg)
         self.encoded = {name: self._encode(split, reuse) for name, split in data.splits().items()}
         self.train_examples = self.approach.training_examples(self.encoded["train"])
+        t0 = self._lap("data", t0)
         base = load_base(cfg, self.model_path, len(data.label_names), self.tokenizer.pad_token_id, self.dev,
                          reuse=reuse)
         self.dequantized_base = dequantize_base_wanted(t.dequantize_base, cfg.quantization, base, self.dev)
         if self.dequantized_base:
             base = dequantized(base)
+        t0 = self._lap("base", t0)
         seed_everything(t.seed)  # new weights and adapters start from the seed, however the base was obtained
         approach_class(cfg.approach).init_weights(base)
         self.model = attach_lora(base, cfg)
         if t.compile:
             compile_layers(self.model)
+        t0 = self._lap("adapters", t0)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         D.broadcast_(self.trainable)
         weights = self.approach.class_weights(data.train.labels)
@@ -157,10 +163,19 @@ class Trainer:
             "constant_with_warmup" if t.scheduler == "constant" else t.scheduler, self.optimizer,
             num_warmup_steps=int(round(t.warmup_ratio * total)), num_training_steps=total,
         )
+        self._lap("optimizer", t0)
         self.epoch = 0
         self.history: list[dict] = []
         self.best: Best | None = None
-        self.setup_seconds = time.perf_counter() - t0
+        self.setup_seconds = sum(self.setup_parts.values())
+
+    def _lap(self, part: str, since: float) -> float:
+        """Record the seconds since ``since`` as set-up part ``part`` (on a GPU, once its work is done)."""
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+        now = time.perf_counter()
+        self.setup_parts[part] = now - since
+        return now
 
     # ----------------------------------------------------------------- pieces
 

@@ -115,7 +115,8 @@ def _train(params: dict[str, Any], ctx: TrialContext, trial_id: str, trial_name:
                 trainer.load_checkpoint(Path(d) / L.CHECKPOINT_STATE)
         if run:
             run.sync_history(trainer.history)
-            run.log_metrics({"setup_seconds": trainer.setup_seconds}, step=trainer.epoch)
+            run.log_metrics({"setup_seconds": trainer.setup_seconds,
+                             **{f"setup_{k}_seconds": v for k, v in trainer.setup_parts.items()}}, step=trainer.epoch)
 
         def on_epoch(rep, tr) -> None:
             m = dict(rep.metrics)
