@@ -101,6 +101,14 @@ def test_checkpoint_resume_continues_exactly(tiny_csv, tmp_path):
     for k in sa:
         np.testing.assert_allclose(sa[k].numpy(), sc[k].numpy(), atol=1e-5, err_msg=k)
     assert [h["epoch"] for h in c.history] == [1, 2]
+    # the best epoch's weights are stored once: beside the newest ones only when they differ
+    assert not (tmp_path / "ck" / "best.safetensors").exists() and c.best.epoch >= 1
+    b.best.epoch = 0  # as if an earlier epoch had been the best
+    b.save_checkpoint(tmp_path / "ck2")
+    d = _trainer(tiny_csv, **over)
+    d.load_checkpoint(tmp_path / "ck2")
+    assert (tmp_path / "ck2" / "best.safetensors").exists()
+    assert d.best.weights.keys() == b.best.weights.keys()
 
 
 def test_class_weights_balanced(tmp_path):

@@ -302,7 +302,7 @@ class Trainer:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_file(self.trainable_state(), str(folder / "trainable.safetensors"))
-        if self.best and self.best.weights:
+        if self.best and self.best.weights and self.best.epoch != self.epoch:  # else the same as trainable
             save_file(self.best.weights, str(folder / "best.safetensors"))
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
                    folder / "optimizer.pt")
@@ -318,16 +318,21 @@ class Trainer:
 
     def load_checkpoint(self, folder: Path) -> None:
         folder = Path(folder)
-        self.load_trainable_state(load_file(str(folder / "trainable.safetensors")))
+        trainable = load_file(str(folder / "trainable.safetensors"))
+        self.load_trainable_state(trainable)
         opt = torch.load(folder / "optimizer.pt", map_location=self.dev, weights_only=True)
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
         state = json.loads((folder / "trainer_state.json").read_text())
         self.epoch, self.history = state["epoch"], state["history"]
         if state["best"]:
-            best_file = folder / "best.safetensors"
-            weights = load_file(str(best_file)) if best_file.exists() else {}
-            b = state["best"]
+            best_file, b = folder / "best.safetensors", state["best"]
+            if best_file.exists():
+                weights = load_file(str(best_file))
+            elif b["epoch"] == self.epoch and self.cfg.training.select == "best":
+                weights = trainable  # the newest epoch is the best: saved once
+            else:
+                weights = {}  # select: last keeps no best weights
             self.best = Best(b["value"], b["epoch"], weights, b["report"])
 
     def write_best_model(self, folder: Path) -> None:
