@@ -400,22 +400,31 @@ def bench_mfu() -> None:
         save(out)
 
 
+def visible_gpus() -> list[int]:
+    """The physical GPUs this part may use (``CUDA_VISIBLE_DEVICES``, else all), for :class:`GpuSampler`."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return [int(g) for g in visible.split(",")] if visible else list(range(torch.cuda.device_count()))
+
+
+def preconvert(study_yaml: str) -> None:
+    """The study's model made ready (the embedded GGUF converted once) before any clock starts."""
+    import yaml
+
+    from trainables.models import resolve_model
+
+    resolve_model(yaml.safe_load(Path(study_yaml).read_text())["model"])
+
+
 def bench_quality(study_yaml: str = str(ROOT / "benchmarks" / "tfns-8min.yaml"), key: str = "tfns_valid_accuracy_8min",
                   name: str = "", *run_args: str) -> None:
     """Issue 16: the best valid accuracy a time-budgeted study reaches, as ``qlora-tune run`` gives it
     (``run_args`` go to the CLI, e.g. ``--warm-start OLD``). Saved under ``key`` and ``<key>_study``."""
     import subprocess
 
-    import yaml
-
-    from trainables.models import resolve_model
-
-    resolve_model(yaml.safe_load(Path(study_yaml).read_text())["model"])  # the GGUF converted once, before the clock
+    preconvert(study_yaml)
     t = time.time()
     name = name or f"{Path(study_yaml).stem}-{int(t)}"
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    gpus = [int(g) for g in visible.split(",")] if visible else list(range(torch.cuda.device_count()))
-    with GpuSampler(gpus) as gs:
+    with GpuSampler(visible_gpus()) as gs:
         p = subprocess.run([sys.executable, "-m", "tuner.cli", "run", study_yaml, "--name", name, *run_args],
                            cwd=ROOT, capture_output=True, text=True)
     print(p.stdout[-6000:], p.stderr[-3000:])
@@ -484,8 +493,7 @@ def bench_study(tag: str, study_yaml: str, *sets: str) -> None:
     from tuner.summary import compute_summary, study_rows
     from trainables import runs as R
 
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    gpus = [int(g) for g in visible.split(",")] if visible else list(range(torch.cuda.device_count()))
+    gpus = visible_gpus()
     name = f"{tag}-{int(time.time())}"
     args = [sys.executable, "-m", "tuner.cli", "run", study_yaml, "--name", name]
     for kv in sets:
@@ -569,12 +577,9 @@ def bench_refit(study_yaml: str = str(ROOT / "benchmarks" / "sls-refit.yaml"), s
 
     from mlflow import MlflowClient
 
-    from trainables.models import resolve_model
     from tuner.records import StudyRecord
 
-    import yaml
-
-    resolve_model(yaml.safe_load(Path(study_yaml).read_text())["model"])
+    preconvert(study_yaml)
     rows = []
     for seed in range(int(seeds)):
         name = f"{Path(study_yaml).stem}-seed{seed}-{int(time.time())}"

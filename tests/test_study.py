@@ -606,7 +606,7 @@ def test_the_default_space_follows_the_model_size(tmp_path):
     """No ``search:``: batch sizes for the model's size, the learning-rate range scaled with them by the
     square-root rule, and (where the file leaves them out) the first trials at the median batch and the
     QLoRA recipe's rate scaled to it. A study's own settings and search are kept."""
-    from tuner.defaults import default_batches, with_default_search
+    from tuner.defaults import adapt, default_batches, with_default_search
     from tuner.study_config import DEFAULT_SEARCH, StudyConfig, parse_search
 
     assert default_batches(135_000_000) == [32, 64, 128]
@@ -626,6 +626,8 @@ def test_the_default_space_follows_the_model_size(tmp_path):
     assert with_default_search(own).training.learning_rate == 1e-3
     searched = StudyConfig.model_validate({**base, "search": {"lora.r": {"choice": [4, 8]}}})
     assert with_default_search(searched) is searched
+    # adapt, which decides everything a study file leaves out, decides the space too
+    assert adapt(StudyConfig.model_validate(base), 2_000).search == study.search
 
 
 def test_a_budgeted_study_without_trial_count_runs_until_its_budget(tmp_path):

@@ -96,19 +96,22 @@ def test_checkpoint_resume_continues_exactly(tiny_csv, tmp_path):
     c = _trainer(tiny_csv, **over)
     c.load_checkpoint(tmp_path / "ck")
     assert c.epoch == 1
+    # the newest epoch was the best: its weights are the best weights, stored once
+    assert not (tmp_path / "ck" / "best.safetensors").exists() and c.best.epoch == 1
+    assert c.best.weights.keys() == c.trainable_state().keys()
+    assert all(torch.equal(c.best.weights[k], v) for k, v in c.trainable_state().items())
     c.fit()
     sa, sc = a.trainable_state(), c.trainable_state()
     for k in sa:
         np.testing.assert_allclose(sa[k].numpy(), sc[k].numpy(), atol=1e-5, err_msg=k)
     assert [h["epoch"] for h in c.history] == [1, 2]
-    # the best epoch's weights are stored once: beside the newest ones only when they differ
-    assert not (tmp_path / "ck" / "best.safetensors").exists() and c.best.epoch >= 1
-    b.best.epoch = 0  # as if an earlier epoch had been the best
+    # an earlier best epoch: its weights are stored beside the newest ones and come back as they were
+    b.best.epoch = 0
+    b.best.weights = {k: v + 1 for k, v in b.best.weights.items()}
     b.save_checkpoint(tmp_path / "ck2")
     d = _trainer(tiny_csv, **over)
     d.load_checkpoint(tmp_path / "ck2")
-    assert (tmp_path / "ck2" / "best.safetensors").exists()
-    assert d.best.weights.keys() == b.best.weights.keys()
+    assert all(torch.equal(d.best.weights[k], v) for k, v in b.best.weights.items())
 
 
 def test_class_weights_balanced(tmp_path):

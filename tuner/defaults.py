@@ -62,19 +62,22 @@ def with_default_search(study: StudyConfig) -> StudyConfig:
         console.print(f"search (default): could not count the parameters of {study.model} ({type(e).__name__}); "
                       f"using the batch sizes of a {n / 1e9:.0f}B model", soft_wrap=True)
     batches = default_batches(n)
+    training = study.training
     median = int(statistics.median_low(batches))
-    scale = math.sqrt(median * study.training.grad_accum / REFERENCE_BATCH)
+    step = median * training.grad_accum  # examples per optimizer step
+
+    def rate(lr: float, batch: int) -> float:
+        return float(f"{scaled_learning_rate(lr, step, batch):.3g}")
+
     search = copy.deepcopy(DEFAULT_SEARCH)
     search["training.batch_size"] = {"choice": batches}
-    search["training.learning_rate"] = {"loguniform": [float(f"{v * scale:.3g}") for v in
+    search["training.learning_rate"] = {"loguniform": [rate(v, REFERENCE_BATCH) for v in
                                                        DEFAULT_SEARCH["training.learning_rate"]["loguniform"]]}
-    training = study.training
     first = {}
     if "batch_size" not in training.model_fields_set:
         first["batch_size"] = median
     if "learning_rate" not in training.model_fields_set:
-        batch, lr = QLORA_RECIPE
-        first["learning_rate"] = float(f"{scaled_learning_rate(lr, median * training.grad_accum, batch):.3g}")
+        first["learning_rate"] = rate(QLORA_RECIPE[1], QLORA_RECIPE[0])
     size = f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
     console.print(f"search (default, for a model of {size} parameters): batch sizes {batches}, learning "
                   f"rate {search['training.learning_rate']['loguniform']}"
@@ -89,7 +92,9 @@ def adaptive_max_epochs(train_rows: int) -> int:
 
 
 def adapt(study: StudyConfig, train_rows: int) -> StudyConfig:
-    """``study`` with the defaults it left out decided for its data (see the module docstring)."""
+    """``study`` with the defaults it left out decided for its model and data (see the module
+    docstring); parse its ``search`` again afterwards."""
+    study = with_default_search(study)
     if "num_trials" not in study.model_fields_set and study.time_budget_s is not None:
         study = study.model_copy(update={"num_trials": BUDGETED_TRIALS})
         console.print(f"num_trials (default, with time_budget_s): trials start until the {study.time_budget_s:g} s "

@@ -74,17 +74,15 @@ def run_study(path: Path, overrides: list[str], name: str | None, address: str |
 
         check_resources(study, str(path), {"GPU": local_gpus(), "CPU": psutil.cpu_count()})
     from trainables.data import load_dataset
-    from tuner.defaults import BUDGETED_TRIALS, adapt, with_default_search
+    from tuner.defaults import BUDGETED_TRIALS, adapt
 
     data = load_dataset(study.data)  # bad data fails here, before Ray starts
-    if study.search is None:
-        study = with_default_search(study)
-        space = parse_search(study, str(path))
     study = adapt(study, len(data.train.texts))
+    space = parse_search(study, str(path))  # the default space, where the file gave none, is now decided
     uri = tracking.resolve_tracking_uri(study.tracking.tracking_uri)
     tracking.require_server(uri)
     warm: list = []
-    first: list[dict] | None = None
+    first: list[dict] = []
     if old is not None:
         from tuner.warm_start import warm_trials
 
@@ -156,8 +154,8 @@ def resume_study(name: str, address: str | None) -> StudyRecord:
 
 
 def _tune_config(study: StudyConfig, space, max_concurrent: int | None, warm_trials: list = (),
-                 first: list[dict] | None = None):
-    """Ray Tune's settings for the study; ``first``: the first trials' parameters (default: the
+                 first: list[dict] = ()):
+    """Ray Tune's settings for the study; ``first``: the first trials' parameters (none given: the
     study's own settings, :func:`tuner.searcher.first_points`)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -172,8 +170,7 @@ def _tune_config(study: StudyConfig, space, max_concurrent: int | None, warm_tri
         metric=study.metric, mode=study.mode, num_samples=study.num_trials, scheduler=scheduler,
         search_alg=make_searcher(space, study.approach, study.seed, study.num_trials, sch.max_epochs,
                                  study.metric, study.mode, warm_trials,
-                                 first if first is not None else
-                                 first_points(space, study.approach, lambda a: _run_tree(study, a)),
+                                 list(first) or first_points(space, study.approach, lambda a: _run_tree(study, a)),
                                  study.time_budget_s),
         max_concurrent_trials=max_concurrent,
         reuse_actors=_reuse_actors(study), time_budget_s=study.time_budget_s,

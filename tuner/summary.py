@@ -19,7 +19,7 @@ from tuner import importance, storage
 from tuner.console import console
 
 SHOWN = ("training.learning_rate", "lora.r", "training.batch_size")
-TIME_PARTS = {"train_seconds_total": "training", "eval_seconds_total": "evaluation", "setup_seconds": "set-up"}
+TIME_PARTS = {"train_seconds_total": "training", "eval_seconds_total": "evaluation", "setup_seconds": "setup"}
 """Where a trial's time goes, as its run logs it; the rest is checkpoints, reports, logging and work
 cut short (by ASHA or the budget) before it was reported."""
 
@@ -114,13 +114,15 @@ def plot_metric_by_epoch(rec, df: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def time_in_trials(df: pd.DataFrame) -> dict[str, float]:
-    """Seconds the trials' runs lasted, summed, and how they split (:data:`TIME_PARTS`, ``other``)."""
-    if not len(df):
+def time_in_trials(df: pd.DataFrame) -> dict:
+    """Seconds the trials' runs lasted, summed (``seconds``), and each part's share of them
+    (``shares``: :data:`TIME_PARTS` and ``other``); empty when no run lasted."""
+    total = float(df["wall_seconds"].sum()) if len(df) else 0.0
+    if total <= 0:
         return {}
-    total = float(df["wall_seconds"].sum())
     parts = {name: float(df[k].sum()) for k, name in TIME_PARTS.items()}
-    return {"seconds": total, **parts, "other": max(0.0, total - sum(parts.values()))}
+    parts["other"] = max(0.0, total - sum(parts.values()))
+    return {"seconds": total, "shares": {name: v / total for name, v in parts.items()}}
 
 
 def compute_summary(rec, df: pd.DataFrame) -> dict:
@@ -155,10 +157,8 @@ def write_study_report(rec, df: pd.DataFrame, summary: dict, seconds: float, fol
     metrics = {"epochs_run": summary["epochs_run"], "compute_saved": summary["compute_saved"],
                "gpu_hours": summary["gpu_hours"], "wall_seconds": seconds,
                "storage_bytes": summary["storage_bytes"], "out_of_gpu_memory_trials": summary["out_of_gpu_memory"]}
-    spent = summary.get("time_in_trials") or {}
-    if spent.get("seconds"):
-        metrics.update({f"trial_time_share_{k.replace('-', '')}": spent[k] / spent["seconds"]
-                        for k in (*TIME_PARTS.values(), "other")})
+    shares = (summary.get("time_in_trials") or {}).get("shares", {})
+    metrics.update({f"trial_time_share_{name}": v for name, v in shares.items()})
     if best is not None:
         metrics[f"best_{rec.study.metric}"] = float(best[f"best_{rec.study.metric}"])
         try:
@@ -202,11 +202,10 @@ def print_status(rec, df: pd.DataFrame | None = None, summary: dict | None = Non
                   + (f"; {summary['out_of_gpu_memory']} ran {OOM_REASON}" if summary["out_of_gpu_memory"] else ""),
                   soft_wrap=True)
     spent = summary.get("time_in_trials") or {}
-    if spent.get("seconds"):
+    if spent:
         console.print(f"[bold]time in trials[/]: {spent['seconds']:,.0f} s: "
-                      + ", ".join(f"{name} {spent[name] / spent['seconds']:.0%}" for name in TIME_PARTS.values())
-                      + f", other {spent['other'] / spent['seconds']:.0%} (checkpoints, reports, logging, "
-                      "epochs cut short)", soft_wrap=True)
+                      + ", ".join(f"{name} {v:.0%}" for name, v in spent["shares"].items())
+                      + " (other: checkpoints, reports, logging, epochs cut short)", soft_wrap=True)
     if summary["storage_bytes"]:
         console.print(f"[bold]storage[/]: {summary['storage_bytes'] / 1e6:.1f} MB of checkpoints and state in "
                       f"{rec.experiment_path} (at most {summary['storage_bytes_per_trial_max'] / 1e6:.1f} MB per "
