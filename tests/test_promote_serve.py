@@ -257,6 +257,36 @@ def test_each_replica_serves_both_versions_over_one_base(server):
         assert st["bases"] == 1, st  # two head adapters attached to one quantized base
 
 
+def test_batch_predict_via_serve_labels_through_the_running_replicas(server, promoted, challenger, ray_cluster,
+                                                                     tmp_path):
+    """`predict --address --via-serve`: Ray Data hands the rows to the running server's replicas (no
+    model of its own), in input order, with the labels the model gives alone; a model the server does
+    not serve is one line and exit 2, with no output."""
+    import pandas as pd
+
+    texts = [f"{i}: {t}" for i in range(30) for t in ("what a day, just great", "the movie was awful")]
+    pd.DataFrame({"id": range(len(texts)), "text": texts}).to_parquet(tmp_path / "in.parquet")
+    env = {"MLFLOW_TRACKING_URI": promoted.tracking_uri}
+    args = ["--input", tmp_path / "in.parquet", "--output", tmp_path / "out.parquet", "--address", ray_cluster,
+            "--via-serve", "--batch-size", "4", "--workers", "2"]
+    p = run_cli("predict", "--model", challenger, *args, env=env)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "2 Serve replica(s) of 'challenger'" in " ".join(p.stdout.split()), p.stdout[-1000:]
+    out = pd.read_parquet(tmp_path / "out.parquet")
+    assert list(out["id"]) == list(range(len(texts))) and list(out["text"]) == texts
+    from trainables.predict import Classifier
+    from tuner.refs import local_model_folder
+
+    os.environ["MLFLOW_TRACKING_URI"] = promoted.tracking_uri
+    ref = Classifier(local_model_folder(challenger)).predict(texts)
+    assert list(out["label"]) == ref.labels and "model" not in out.columns
+    np.testing.assert_allclose(out[[f"p_{n}" for n in ref.label_names]].to_numpy(), ref.probabilities, atol=1e-5)
+    (tmp_path / "out.parquet").unlink()
+    p = run_cli("predict", "--model", "models:/tiny-champion/1", *args, env=env)
+    assert p.returncode == 2 and "not models:/tiny-champion/1" in p.stderr, p.stderr[-2000:]
+    assert len(p.stderr.strip().splitlines()) == 1 and not (tmp_path / "out.parquet").exists()
+
+
 def test_ingress_haproxy_for_gpu_replicas_and_proxy_for_cpu_ones():
     """``auto`` picks HAProxy (straight to the replicas) for GPU replicas and Serve's proxy for CPU
     ones; HAProxy's environment turns Ray's switch on with free ports for its pages, the proxy's keeps

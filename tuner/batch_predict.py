@@ -1,6 +1,10 @@
 """``qlora-tune predict --input big.parquet --output out.parquet --address auto``: batch prediction on a
-Ray cluster. Ray Data streams the input through an actor pool of classifiers (one per GPU by default),
-with its progress bar, and the driver writes the output rows in input order as they arrive."""
+Ray cluster. Ray Data streams the input through an actor pool of classifiers (two per GPU by default),
+with its progress bar, and the driver writes the output rows in input order as they arrive.
+
+With ``--via-serve`` the pool is the replicas of a running ``qlora-tune serve`` application instead:
+Ray Data's actors only pass batches to them, so a job starts without loading a model or importing torch
+(the 20-25 s that dominate a cold job of 100,000 texts on an H200, BENCHMARKS.md)."""
 
 from __future__ import annotations
 
@@ -36,6 +40,19 @@ def _unpack(files: dict[str, bytes]) -> Path:
     return cached_folder(downloads_dir() / f"packed-{h.hexdigest()[:20]}", write)
 
 
+def _texts(batch: pd.DataFrame, column: str) -> list[str]:
+    texts = batch[column].tolist()
+    for t in texts:
+        if not isinstance(t, str) or not t.strip():
+            raise ValueError(f"column '{column}' has an empty or non-text value: {t!r}")
+    return texts
+
+
+def _labelled(batch: pd.DataFrame, records: list[dict]) -> pd.DataFrame:
+    """The input rows with ``label`` and ``p_<label>`` columns (the records format of every predictor)."""
+    return pd.concat([batch.reset_index(drop=True), pd.DataFrame(records)], axis=1)
+
+
 class Predictor:
     """A Ray Data actor: one loaded classifier, labelling batches of rows (a pandas DataFrame)."""
 
@@ -47,12 +64,40 @@ class Predictor:
         self.clf = Classifier(_unpack(files), dev=worker_device(), batch_size=batch_size)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        texts = batch[self.column].tolist()
-        for t in texts:
-            if not isinstance(t, str) or not t.strip():
-                raise ValueError(f"column '{self.column}' has an empty or non-text value: {t!r}")
-        recs = pd.DataFrame(self.clf.predict(texts).records())
-        return pd.concat([batch.reset_index(drop=True), recs], axis=1)
+        return _labelled(batch, self.clf.predict(_texts(batch, self.column)).records())
+
+
+class ServedPredictor:
+    """A Ray Data actor that hands batches to the replicas of a running ``qlora-tune serve``
+    application (their dynamic batcher, mixed with any live traffic) and waits for the labels."""
+
+    def __init__(self, app: str, version: str, column: str):
+        from ray import serve
+
+        self.handle, self.version, self.column = serve.get_app_handle(app), version, column
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        preds = self.handle.predict.remote(_texts(batch, self.column), self.version).result()["predictions"]
+        return _labelled(batch, [{k: v for k, v in p.items() if k != "model"} for p in preds])
+
+
+def served_version(app: str, ref: str) -> tuple[str, int]:
+    """The name under which the running Serve application ``app`` serves model reference ``ref``, and
+    its running replicas; a one-line error where it is not running or serves other models."""
+    from ray import serve
+
+    try:
+        handle = serve.get_app_handle(app)
+        served = handle.served.remote().result(timeout_s=60)
+        replicas = serve.status().applications[app].deployments["classifier"].replica_states.get("RUNNING", 0)
+    except Exception as e:  # noqa: BLE001 - not deployed, still starting, or another kind of app
+        raise InputError(f"--via-serve: no running `qlora-tune serve` on this cluster "
+                         f"({str(e).strip().splitlines()[0][:200]}); start one with `qlora-tune serve {ref} "
+                         f"--address ...`") from None
+    for name, served_ref in served.items():
+        if served_ref == ref:
+            return name, max(1, replicas)
+    raise InputError(f"--via-serve: the running server serves {', '.join(sorted(served.values()))}, not {ref}")
 
 
 def _reason(e: BaseException) -> str:
@@ -85,11 +130,12 @@ def _read(path: Path):
     raise InputError(f"{path}: input must end in .csv, .tsv, .jsonl or .parquet")
 
 
-def predict_on_cluster(folder: Path, input: Path, output: Path, column: str, address: str,
+def predict_on_cluster(model: str | Path, input: Path, output: Path, column: str, address: str,
                        batch_size: int | None, workers: int | None, gpus_per_worker: float,
-                       timings: dict | None = None) -> int:
-    """Label every row of ``input`` into ``output``; returns the number of rows. ``timings`` (if
-    given) gets ``first_rows_s`` and ``total_s`` (when the first labelled rows and the last arrived)
+                       timings: dict | None = None, via_serve: bool = False) -> int:
+    """Label every row of ``input`` into ``output``; returns the number of rows. ``model`` is a model
+    folder, or with ``via_serve`` the reference that the running server was started with. ``timings``
+    (if given) gets ``first_rows_s`` and ``total_s`` (when the first labelled rows and the last arrived)
     and ``first_rows`` (how many came first)."""
     import ray
     import ray.data
@@ -99,10 +145,6 @@ def predict_on_cluster(folder: Path, input: Path, output: Path, column: str, add
 
     check_output_path(output)
     connect(address)
-    gpus = ray.cluster_resources().get("GPU", 0.0)
-    if gpus_per_worker == 0 and gpus:
-        gpus_per_worker = 0.5  # two actors per card: one tokenizes and collates while the other computes
-    workers = workers or (max(1, int(gpus / gpus_per_worker)) if gpus_per_worker else 1)
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # rows out in input order
     ds = _read(Path(input))
     columns = ds.columns()
@@ -112,10 +154,27 @@ def predict_on_cluster(folder: Path, input: Path, output: Path, column: str, add
     # one input file reads as one block, and a block goes to one actor whole: split it as it streams,
     # so that every actor gets work and labelled rows flow out while the rest is computed
     ds = ds.repartition(target_num_rows_per_block=rows_per_task)
-    labelled = ds.map_batches(Predictor, fn_constructor_kwargs={"files": _pack(Path(folder)), "column": column,
-                                                                "batch_size": batch_size},
-                              batch_size=rows_per_task, batch_format="pandas",
-                              compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=gpus_per_worker, num_cpus=1)
+    if via_serve:
+        from tuner.serve import APP_NAME
+
+        version, replicas = served_version(APP_NAME, str(model))
+        workers = workers or 2 * replicas  # each replica has the next batch queued while it computes one
+        where = f"{workers} worker(s) feeding {replicas} Serve replica(s) of '{version}'"
+        labelled = ds.map_batches(ServedPredictor, fn_constructor_kwargs={"app": APP_NAME, "version": version,
+                                                                          "column": column},
+                                  batch_size=rows_per_task, batch_format="pandas",
+                                  compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=0)  # they wait on replicas
+    else:
+        gpus = ray.cluster_resources().get("GPU", 0.0)
+        if gpus_per_worker == 0 and gpus:
+            gpus_per_worker = 0.5  # two actors per card: one tokenizes and collates while the other computes
+        workers = workers or (max(1, int(gpus / gpus_per_worker)) if gpus_per_worker else 1)
+        where = f"{workers} worker(s), {gpus_per_worker:g} GPU each"
+        labelled = ds.map_batches(Predictor, fn_constructor_kwargs={"files": _pack(Path(model)), "column": column,
+                                                                    "batch_size": batch_size},
+                                  batch_size=rows_per_task, batch_format="pandas",
+                                  compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=gpus_per_worker,
+                                  num_cpus=1)
     rows, t0 = 0, time.perf_counter()
     try:
         with atomic_table_writer(output) as write:
@@ -128,5 +187,5 @@ def predict_on_cluster(folder: Path, input: Path, output: Path, column: str, add
         raise InputError(f"{input}: {_reason(e)}") from None
     if timings is not None:
         timings["total_s"] = round(time.perf_counter() - t0, 2)
-    console.print(f"wrote {rows} predictions to {output} ({workers} worker(s), {gpus_per_worker:g} GPU each)")
+    console.print(f"wrote {rows} predictions to {output} ({where})")
     return rows

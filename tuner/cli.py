@@ -44,6 +44,7 @@ def predict(
     address: Annotated[Optional[str], typer.Option("--address", help="Predict --input on this Ray cluster (auto, HOST:PORT) with Ray Data.")] = None,
     workers: Annotated[Optional[int], typer.Option(help="With --address: classifier actors (default: one per GPU).")] = None,
     gpus_per_worker: Annotated[float, typer.Option(help="With --address: GPUs per actor (default: 0.5 where the cluster has GPUs: two per card).")] = 0.0,
+    via_serve: Annotated[bool, typer.Option("--via-serve", help="With --address: label through the replicas of the `qlora-tune serve` running this model on the cluster (no model to load).")] = False,
 ):
     """Classify texts with a trained or registered model (on a Ray cluster with --address)."""
     from tuner.predict_cmd import run_predict
@@ -56,12 +57,16 @@ def predict(
         raise InputError("predict: --address needs --input and --output")
     if address and generate:
         raise InputError("predict: --generate does not run on a cluster; drop --address")
+    if via_serve and not address:
+        raise InputError("predict: --via-serve needs --address (the cluster that serves the model)")
+    if via_serve and gpus_per_worker:
+        raise InputError("predict: --gpus-per-worker does not apply with --via-serve (the replicas hold the GPUs)")
     if address:
         from tuner.batch_predict import predict_on_cluster
         from tuner.refs import local_model_folder
 
-        predict_on_cluster(local_model_folder(model), input, output, text_column, address, batch_size, workers,
-                           gpus_per_worker)
+        predict_on_cluster(model if via_serve else local_model_folder(model), input, output, text_column, address,
+                           batch_size, workers, gpus_per_worker, via_serve=via_serve)
         return
     run_predict(model, text or [], input, output, text_column, generate, batch_size)
 

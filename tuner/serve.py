@@ -242,7 +242,7 @@ class ClassifierServer:
 
         self.limits = Limits(**(limits or {}))
         b = Batching(**(batching or {}))
-        self.default = next(iter(refs))
+        self.default, self.refs = next(iter(refs)), dict(refs)
         self.models = ClassifierSet({name: local_model_folder(ref) for name, ref in refs.items()},
                                     dev=worker_device(), batch_size=b.max_batch_size, merge=merge)
         t = time.perf_counter()
@@ -260,6 +260,10 @@ class ClassifierServer:
         self.stats.texts += len(texts)
         preds = await self.batcher.submit([(model, t) for t in texts])
         return {"predictions": preds, "labels": self.models.versions[model].label_names}
+
+    def served(self) -> dict[str, str]:
+        """Version name -> the model reference it was started with (``predict --via-serve`` finds its version)."""
+        return self.refs
 
     async def __call__(self, request: Request):
         path = request.url.path.rstrip("/")
