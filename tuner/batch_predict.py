@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from trainables.errors import InputError
-from tuner.io import atomic_table_writer, check_output_path
+from trainables.errors import InputError  # (no torch at import: ServedPredictor's workers never load it)
 
 
 def _pack(folder: Path) -> dict[str, bytes]:
@@ -76,16 +75,21 @@ class ServedPredictor:
 
         self.handle, self.version, self.column = serve.get_app_handle(app), version, column
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        preds = self.handle.predict.remote(_texts(batch, self.column), self.version).result()["predictions"]
+    async def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        # async: a handle needs an event loop where Serve's throughput mode runs routers on the caller's
+        # loop (as `qlora-tune serve` sets it), and Ray Data then keeps several batches in flight per actor
+        preds = (await self.handle.predict.remote(_texts(batch, self.column), self.version))["predictions"]
         return _labelled(batch, [{k: v for k, v in p.items() if k != "model"} for p in preds])
 
 
 def served_version(app: str, ref: str) -> tuple[str, int]:
     """The name under which the running Serve application ``app`` serves model reference ``ref``, and
     its running replicas; a one-line error where it is not running or serves other models."""
+    import logging
+
     from ray import serve
 
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # its INFO lines about routers, on stderr
     try:
         handle = serve.get_app_handle(app)
         served = handle.served.remote().result(timeout_s=60)
@@ -110,7 +114,12 @@ def _reason(e: BaseException) -> str:
         chain.append(str(e))
         e = getattr(e, "cause", None) or e.__cause__
     found = re.search(r"column '[^'{}]*' has an empty or non-text value: [^\n]{0,200}", "\n".join(chain))
-    return found.group(0) if found else chain[0].strip().splitlines()[0][:300]
+    if found:
+        return found.group(0)
+    # the root cause: the exception line of the innermost error (Ray wraps it with its own hints)
+    text = "\n".join(chain)
+    causes = re.findall(r"^(?:[\w.]+(?:Error|Exception)): [^\n]{1,300}", text, re.M)
+    return causes[0] if causes else chain[0].strip().splitlines()[0][:300]
 
 
 def _read(path: Path):
@@ -141,6 +150,7 @@ def predict_on_cluster(model: str | Path, input: Path, output: Path, column: str
     import ray.data
 
     from tuner.console import console
+    from tuner.io import atomic_table_writer, check_output_path
     from tuner.ray_cluster import connect
 
     check_output_path(output)
