@@ -257,9 +257,10 @@ def main() -> None:
                          "ratio_end_to_end": round(e2e / cluster, 3),
                          "labels_match": pd.read_parquet(out)["label"].tolist() == labels})
             print("ray data:", runs[-1], flush=True)
-        for layout in a.data_via_serve:  # a warm pool: the replicas of a running server, started beforehand
-            replicas, gpus = layout.split("x")
+        if a.data_via_serve:  # a warm pool: the replicas of a running server, started beforehand
             serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=logging_config)
+        for layout in a.data_via_serve:
+            replicas, gpus = layout.split("x")
             t = time.perf_counter()
             serve.run(application(model_names([ref]), Scaling(replicas=int(replicas), gpus_per_replica=float(gpus)),
                                   Batching(a.data_batch, a.batch_wait_ms), Limits()),
@@ -275,6 +276,8 @@ def main() -> None:
                          "ratio": round(inproc / cluster, 3), "ratio_end_to_end": round(e2e / cluster, 3),
                          "labels_match": pd.read_parquet(out)["label"].tolist() == labels})
             print("ray data via serve:", runs[-1], flush=True)
+            serve.delete(APP_NAME)  # (a shutdown and a new start between layouts killed Serve's controller)
+        if a.data_via_serve:
             serve.shutdown()
         best = max(runs, key=lambda r: r["ratio"])
         res["ray_data"] = {**best, "in_process_s": round(inproc, 2), "in_process_texts_per_s": round(len(big) / inproc, 1),

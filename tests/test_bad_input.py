@@ -122,6 +122,9 @@ def test_real_process_exit_code(tmp_path):
     (["resume", "no-such-study"], "study 'no-such-study': not found"),
     (["promote", "no-such-study"], "study 'no-such-study': not found"),
     (["run", "x.yaml", "--name", "bad name!"], "x.yaml: config file not found"),
+    (["predict", "-m", "m", "--input", "in.csv", "--output", "o.csv", "--via-serve"], "--via-serve needs --address"),
+    (["predict", "-m", "m", "--input", "in.csv", "--output", "o.csv", "--address", "auto", "--via-serve",
+      "--gpus-per-worker", "0.5"], "--gpus-per-worker does not apply with --via-serve"),
 ])
 def test_cli_misuse_exits_2(cli, args, expect):
     code, out, err = cli(*args)
