@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,23 @@ def _containers(obj) -> list[dict]:
         for v in obj:
             found += _containers(v)
     return found
+
+
+def test_no_address_starts_a_cluster_of_its_own_beside_a_running_one(ray_cluster):
+    """Without --address a command starts a cluster of its own, as the CLI says, even where `ray start`
+    left one on this machine (Ray's default would join that one, and `serve` would then shut down its
+    Serve on exit). RAY_ADDRESS, as a Ray job sets it, still chooses the cluster."""
+    code = ("from tuner.ray_cluster import connect; connect(None); import ray; "
+            "print('GCS', ray.get_runtime_context().gcs_address)")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    gcs = {}
+    for case, extra in (("own", {}), ("job", {"RAY_ADDRESS": ray_cluster})):
+        p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, **extra}, capture_output=True,
+                           text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        gcs[case] = re.search(r"GCS (\S+)", p.stdout).group(1).rsplit(":", 1)[1]  # the GCS port
+    port = ray_cluster.rsplit(":", 1)[1]
+    assert gcs["own"] != port and gcs["job"] == port, gcs
 
 
 def test_launcher_config_passes_rays_own_schema():

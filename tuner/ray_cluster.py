@@ -19,6 +19,10 @@ def connect(address: str | None, runtime_env: dict | None = None) -> None:
     compat.tolerate_deleted_checkpoints()
     if ray.is_initialized():
         return
+    # No address: a cluster of our own, as the CLI says. Ray's own default would join whatever cluster
+    # `ray start` last left on this machine, and `serve` would shut down that cluster's Serve on exit.
+    # RAY_ADDRESS (set inside a Ray job) still says where to run.
+    address = address or os.environ.get("RAY_ADDRESS") or None
     env_vars = {k: os.environ[k] for k in ("QLORA_TUNE_HOME", "QLORA_TUNE_SMOLLM2_GGUF", "HF_HUB_OFFLINE",
                                            "MLFLOW_TRACKING_URI") if k in os.environ}
     # trials keep training while MLflow is away: fail fast per request, TrialRun keeps and resends
@@ -35,7 +39,7 @@ def connect(address: str | None, runtime_env: dict | None = None) -> None:
     host = (address or "").removeprefix("ray://").split(":")[0]
     kw = compat.loopback_node_kwargs() if host in ("127.0.0.1", "localhost") else {}
     try:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False,
+        ray.init(address=address or "local", logging_level=logging.WARNING, log_to_driver=False,
                  runtime_env={"env_vars": env_vars, **extra}, configure_logging=True, **kw)
     except ConnectionError as e:
         raise InputError(f"--address {address}: cannot connect to a Ray cluster ({str(e).splitlines()[0]})") from None
