@@ -245,18 +245,30 @@ def main() -> None:
         run_predict(str(folder), [], inp, work / "inproc.parquet", "text", False, 256)
         e2e = time.perf_counter() - t
         runs = []
-        for layout in a.data_layouts:
-            actors, gpus = layout.split("x")
+
+        def job(layout: str, model, workers, gpus: float, via_serve: bool = False, **extra) -> None:
+            """One `predict --address` of the big file, against the in-process figures; recorded at once
+            (a later layout that crashes keeps this one's figures)."""
             timings: dict = {}
             t = time.perf_counter()
-            rows = predict_on_cluster(folder, inp, out, "text", "auto", a.data_batch, int(actors), float(gpus), timings)
+            rows = predict_on_cluster(model, inp, out, "text", "auto", a.data_batch, workers, gpus, timings,
+                                      via_serve=via_serve)
             cluster = time.perf_counter() - t
             steady = (rows - timings["first_rows"]) / max(1e-9, timings["total_s"] - timings["first_rows_s"])
-            runs.append({"layout": layout, "texts": rows, "ray_data_s": round(cluster, 2), **timings,
+            runs.append({"layout": layout, **extra, "texts": rows, "ray_data_s": round(cluster, 2), **timings,
                          "steady_texts_per_s": round(steady, 1), "ratio": round(inproc / cluster, 3),
                          "ratio_end_to_end": round(e2e / cluster, 3),
                          "labels_match": pd.read_parquet(out)["label"].tolist() == labels})
             print("ray data:", runs[-1], flush=True)
+            best = max(runs, key=lambda r: r["ratio"])
+            res["ray_data"] = {**best, "in_process_s": round(inproc, 2),
+                               "in_process_texts_per_s": round(len(big) / inproc, 1),
+                               "in_process_end_to_end_s": round(e2e, 2), "layouts": runs}
+            _record(res, a.gpu)
+
+        for layout in a.data_layouts:
+            actors, gpus = layout.split("x")
+            job(layout, folder, int(actors), float(gpus))
         if a.data_via_serve:  # a warm pool: the replicas of a running server, started beforehand
             serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=logging_config)
         for layout in a.data_via_serve:
@@ -265,23 +277,10 @@ def main() -> None:
             serve.run(application(model_names([ref]), Scaling(replicas=int(replicas), gpus_per_replica=float(gpus)),
                                   Batching(a.data_batch, a.batch_wait_ms), Limits()),
                       name=APP_NAME, route_prefix="/", logging_config=logging_config)
-            deploy = time.perf_counter() - t
-            timings = {}
-            t = time.perf_counter()
-            rows = predict_on_cluster(ref, inp, out, "text", "auto", a.data_batch, None, 0.0, timings, via_serve=True)
-            cluster = time.perf_counter() - t
-            steady = (rows - timings["first_rows"]) / max(1e-9, timings["total_s"] - timings["first_rows_s"])
-            runs.append({"layout": f"via-serve {layout}", "deploy_s": round(deploy, 2), "texts": rows,
-                         "ray_data_s": round(cluster, 2), **timings, "steady_texts_per_s": round(steady, 1),
-                         "ratio": round(inproc / cluster, 3), "ratio_end_to_end": round(e2e / cluster, 3),
-                         "labels_match": pd.read_parquet(out)["label"].tolist() == labels})
-            print("ray data via serve:", runs[-1], flush=True)
+            job(f"via-serve {layout}", ref, None, 0.0, via_serve=True, deploy_s=round(time.perf_counter() - t, 2))
             serve.delete(APP_NAME)  # (a shutdown and a new start between layouts killed Serve's controller)
         if a.data_via_serve:
             serve.shutdown()
-        best = max(runs, key=lambda r: r["ratio"])
-        res["ray_data"] = {**best, "in_process_s": round(inproc, 2), "in_process_texts_per_s": round(len(big) / inproc, 1),
-                           "in_process_end_to_end_s": round(e2e, 2), "layouts": runs}
     _record(res, a.gpu)
     print(json.dumps(res, indent=2))
 

@@ -164,27 +164,23 @@ def predict_on_cluster(model: str | Path, input: Path, output: Path, column: str
     # one input file reads as one block, and a block goes to one actor whole: split it as it streams,
     # so that every actor gets work and labelled rows flow out while the rest is computed
     ds = ds.repartition(target_num_rows_per_block=rows_per_task)
-    if via_serve:
+    if via_serve:  # actors that wait on the replicas: no GPU, no CPU reservation
         from tuner.serve import APP_NAME
 
         version, replicas = served_version(APP_NAME, str(model))
         workers = workers or 2 * replicas  # each replica has the next batch queued while it computes one
         where = f"{workers} worker(s) feeding {replicas} Serve replica(s) of '{version}'"
-        labelled = ds.map_batches(ServedPredictor, fn_constructor_kwargs={"app": APP_NAME, "version": version,
-                                                                          "column": column},
-                                  batch_size=rows_per_task, batch_format="pandas",
-                                  compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=0)  # they wait on replicas
+        actor, kwargs, resources = ServedPredictor, {"app": APP_NAME, "version": version, "column": column}, {"num_cpus": 0}
     else:
         gpus = ray.cluster_resources().get("GPU", 0.0)
         if gpus_per_worker == 0 and gpus:
             gpus_per_worker = 0.5  # two actors per card: one tokenizes and collates while the other computes
         workers = workers or (max(1, int(gpus / gpus_per_worker)) if gpus_per_worker else 1)
         where = f"{workers} worker(s), {gpus_per_worker:g} GPU each"
-        labelled = ds.map_batches(Predictor, fn_constructor_kwargs={"files": _pack(Path(model)), "column": column,
-                                                                    "batch_size": batch_size},
-                                  batch_size=rows_per_task, batch_format="pandas",
-                                  compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=gpus_per_worker,
-                                  num_cpus=1)
+        actor, kwargs = Predictor, {"files": _pack(Path(model)), "column": column, "batch_size": batch_size}
+        resources = {"num_cpus": 1, "num_gpus": gpus_per_worker}
+    labelled = ds.map_batches(actor, fn_constructor_kwargs=kwargs, batch_size=rows_per_task, batch_format="pandas",
+                              compute=ray.data.ActorPoolStrategy(size=workers), **resources)
     rows, t0 = 0, time.perf_counter()
     try:
         with atomic_table_writer(output) as write:

@@ -10,8 +10,16 @@ from tuner.console import console
 from tuner.study_config import StudyConfig
 
 
+def cluster_address(address: str | None) -> str | None:
+    """The cluster a command joins: ``--address``, else ``RAY_ADDRESS`` (as a Ray job sets it), else
+    None: a cluster of its own, as the CLI says. (Ray's own default would join whatever cluster `ray
+    start` last left on this machine, and `serve` would then shut down that cluster's Serve on exit.)"""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
 def connect(address: str | None, runtime_env: dict | None = None) -> None:
-    """Join the cluster at ``address`` (``auto``, ``HOST:PORT``, ``ray://...``), or start a local one."""
+    """Join the cluster at ``address`` (``auto``, ``HOST:PORT``, ``ray://...``), or start a local one
+    (:func:`cluster_address`)."""
     import logging
 
     import ray
@@ -19,10 +27,7 @@ def connect(address: str | None, runtime_env: dict | None = None) -> None:
     compat.tolerate_deleted_checkpoints()
     if ray.is_initialized():
         return
-    # No address: a cluster of our own, as the CLI says. Ray's own default would join whatever cluster
-    # `ray start` last left on this machine, and `serve` would shut down that cluster's Serve on exit.
-    # RAY_ADDRESS (set inside a Ray job) still says where to run.
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address = cluster_address(address)
     env_vars = {k: os.environ[k] for k in ("QLORA_TUNE_HOME", "QLORA_TUNE_SMOLLM2_GGUF", "HF_HUB_OFFLINE",
                                            "MLFLOW_TRACKING_URI") if k in os.environ}
     # trials keep training while MLflow is away: fail fast per request, TrialRun keeps and resends

@@ -390,8 +390,9 @@ def serve_models(refs: list[str], host: str, port: int, insecure: bool, address:
     import signal
 
     from tuner.console import console, err_console
-    from tuner.ray_cluster import connect
+    from tuner.ray_cluster import cluster_address, connect
 
+    address = cluster_address(address)  # None: a cluster of our own, set up and shut down here
     ingress = resolve_ingress(ingress, scaling)  # a bad name fails here, with or without --address
     if host not in LOOPBACK and not insecure:
         raise InputError(f"--host {host}: serving beyond this machine exposes the model unauthenticated; "
