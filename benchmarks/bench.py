@@ -441,6 +441,13 @@ def bench_quality(study_yaml: str = str(ROOT / "benchmarks" / "tfns-8min.yaml"),
                            "gpu_util": gs.busy(), "time_in_trials": s["time_in_trials"],
                            "max_epochs": rec.study.scheduler.max_epochs,
                            "best_approach": str(best["approach"]),
+                           "trials_by_value": [{"trial": str(r["trial_id"]), "approach": str(r["approach"]),
+                                                "state": str(r["state"]), "epochs": int(r["epochs"]),
+                                                "best": round(float(r["best_eval_accuracy"]), 4),
+                                                "history": [round(v, 4) for _, v in r["_history"]],
+                                                "wall_s": round(float(r["wall_seconds"]), 1)}
+                                               for _, r in df.sort_values("best_eval_accuracy", ascending=False)
+                                               .head(8).iterrows()],
                            "best_params": {k: (v.item() if hasattr(v, "item") else v) for k, v in best.items()
                                            if str(k).startswith(("training.", "lora.", "head", "generation")) and v == v}}})
 

@@ -2,8 +2,8 @@
 trials of the new study wherever the two search spaces agree (for tuning the same task again on new
 data). A trial that ran to the end becomes a complete trial with its final value; one that ASHA
 stopped a pruned trial with its per-epoch values, as the old study's Optuna saw them. The old study's
-best trial of each approach is also the new study's first trial of that approach (enqueued), so the
-configuration known to be best is measured on the new data before TPE explores."""
+best trial of each approach is also the new study's first trial of that approach (enqueued, the best
+of them first), so the configuration known to be best is measured on the new data before TPE explores."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from tuner.study_config import SearchSpace, StudyConfig
 def warm_trials(old, study: StudyConfig, space: SearchSpace) -> tuple[list, list[str], list[dict]]:
     """Optuna trials for ``study`` from the finished trials of study record ``old``, one line per
     parameter that could not be carried over (in full or for some trials), and the first trials: the
-    carried-over parameters of ``old``'s best trial of each approach (the rest is sampled)."""
+    carried-over parameters of ``old``'s best trial of each approach (the rest is sampled), best first:
+    where fewer trials run at once than there are approaches, the best known configuration starts first."""
     import optuna
 
     from tuner.summary import study_rows
@@ -71,7 +72,8 @@ def warm_trials(old, study: StudyConfig, space: SearchSpace) -> tuple[list, list
     notes += [f"{k}: not in this space (the old values are ignored)" for k in dropped if _searched(df, k)]
     if other_approach:
         notes.append(f"approach: {other_approach} trial(s) of approaches this study does not search were left out")
-    return trials, notes, [best[a][1] for a in approaches if a in best and best[a][1]]
+    ranked = sorted((a for a in approaches if a in best and best[a][1]), key=lambda a: -best[a][0])
+    return trials, notes, [best[a][1] for a in ranked]
 
 
 def _searched(df: pd.DataFrame, key: str) -> bool:
