@@ -49,3 +49,48 @@ def test_bucketed_padding_changes_no_score(tiny_csv, approach):
     lengths = {bucket_length(k) for k in range(1, longest + 1)}
     assert set(scorer.graphs) == {(r, n) for r in (1, 2, 4) for n in lengths} and n == 3 * len(lengths)
     assert (batched_log_scores(model, ap, ex, 8, CPU, False, scorer) - eager).abs().max() < 1e-5
+
+
+def _varied_csv(path) -> str:
+    """Texts of many lengths (several length buckets), labelled by their last word."""
+    rows = ["text,label"] + [f'"{"so very " * (i % 9)}item {i} was {w}",{y}'
+                             for i in range(40) for w, y in [(("great", "pos"), ("awful", "neg"))[i % 2]]]
+    path.write_text("\n".join(rows) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("approach", ["head", "generation"])
+def test_graphed_training_steps_train_as_the_plain_loop(tmp_path, approach):
+    """training.cuda_graphs pads every full batch to its length bucket and steps through StepGraphs
+    (warm-up steps before each bucket's capture, then weights and AdamW state put back); the last,
+    shorter batch runs eagerly. On the CPU the same padded steps run without capture: the losses and
+    the trained adapter must be those of the plain loop."""
+    data = _varied_csv(tmp_path / "varied.csv")
+    runs = {}
+    for graphs in (False, True):
+        cfg = RunConfig.model_validate(tiny_config(data, approach=approach, quantization="none", **{
+            "training.cuda_graphs": graphs, "training.batch_size": 6, "training.epochs": 2,
+            "training.max_grad_norm": 0.5, "data.split": {"eval": 0.2, "test": 0.0, "seed": 0}}))
+        tr = Trainer(cfg, load_dataset(cfg.data), log=lambda *_: None)
+        assert tr.graphs is graphs and len(tr.train_examples) % 6  # a shorter last batch
+        history = [tr.train_epoch()["train_loss"] for _ in range(2)]
+        runs[graphs] = (history, tr.trainable_state(), tr)
+    (plain, w0, _), (graphed, w1, tr) = runs[False], runs[True]
+    assert len(tr.step_graphs.graphs) >= 2, tr.step_graphs.graphs.keys()  # warm-ups before a 2nd bucket too
+    assert all(bucket_length(k) == k for k in tr.step_graphs.graphs)
+    assert plain[1] < plain[0] and graphed == pytest.approx(plain, rel=1e-4), (plain, graphed)
+    assert max((w0[k] - w1[k]).abs().max().item() for k in w0) < 1e-4
+
+
+@pytest.mark.parametrize("approach", ["head", "generation"])
+def test_padding_columns_keeps_the_training_loss(tiny_csv, approach):
+    cfg = RunConfig.model_validate(tiny_config(tiny_csv, approach=approach, quantization="none"))
+    tr = Trainer(cfg, load_dataset(cfg.data), log=lambda *_: None)
+    batch = tr.approach.collate(tr.train_examples[:5], train=True)
+    padded = tr.approach.pad_columns(batch, batch["input_ids"].shape[1] + 23)
+    assert padded["input_ids"].shape[1] == batch["input_ids"].shape[1] + 23
+    if approach == "generation":  # label positions padded to rows x the longest label
+        assert len(padded["target_pos"]) == 5 * max(map(len, tr.approach.label_ids))
+    with torch.no_grad():
+        a, b = (tr.approach.loss(tr.model, x, None).item() for x in (batch, padded))
+    assert a == pytest.approx(b, rel=1e-5) and a > 0

@@ -43,6 +43,12 @@ class TrainingSettings(Strict):
     compile: bool = False
     """``torch.compile`` each decoder layer (one graph serves them all): fewer kernel launches and
     less Python per step, for a compile cost at the start of each run."""
+    cuda_graphs: Literal["auto", True, False] = False
+    """Replay each training step (forward, backward, clipping, AdamW) from a CUDA graph, one per
+    padded batch length (:mod:`trainables.step_graphs`): a small model's step is bound by kernel
+    launches, not arithmetic. It needs one worker, ``grad_accum`` 1, ``optimizer`` adamw and no
+    ``compile``; ``auto`` uses it on a CUDA GPU where those hold. ``true`` on the CPU runs the same
+    padded steps without graphs."""
     dequantize_base: Literal["auto", True, False] = "auto"
     """Dequantize the 4-bit (or 8-bit) base once, before training, into the compute dtype: the very
     weights bitsandbytes dequantizes at every call, without that per-layer work each step (the model
@@ -54,6 +60,16 @@ class TrainingSettings(Strict):
     select: Literal["best", "last"] = "best"
     """Which epoch's adapter the output keeps: the best on eval ``metric``, or the last."""
     metric: Literal["f1_macro", "accuracy", "balanced_accuracy", "loss"] = "f1_macro"
+
+    @model_validator(mode="after")
+    def _graphable(self):
+        if self.cuda_graphs is True:
+            clash = [f for f, bad in (("grad_accum", self.grad_accum > 1), ("optimizer", self.optimizer != "adamw"),
+                                      ("compile", self.compile)) if bad]
+            if clash:
+                raise ValueError(f"cuda_graphs: true needs grad_accum 1, optimizer adamw and compile false "
+                                 f"(see {', '.join(clash)})")
+        return self
 
 
 class SplitSettings(Strict):

@@ -36,6 +36,7 @@ from trainables.approaches import (
 from trainables.compat import keep_4bit_out_of_cpu_packing
 from trainables.config import RunConfig
 from trainables import distributed as D
+from trainables import step_graphs
 from trainables.data import Dataset
 from trainables.errors import InputError
 from trainables.models import (
@@ -96,8 +97,21 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> li
     return batches
 
 
-def _make_optimizer(cfg: RunConfig, params, dev: torch.device):
+def graphs_wanted(cfg: RunConfig, dev: torch.device, world: int) -> bool:
+    """Whether training steps replay from CUDA graphs (``training.cuda_graphs``)."""
     t = cfg.training
+    if t.cuda_graphs is True:
+        if world > 1:
+            raise InputError("training.cuda_graphs: true needs a single worker (resources_per_trial.workers 1)")
+        return True
+    return t.cuda_graphs == "auto" and dev.type == "cuda" and world == 1 and t.grad_accum == 1 \
+        and t.optimizer == "adamw" and not t.compile
+
+
+def _make_optimizer(cfg: RunConfig, params, dev: torch.device, graphs: bool = False):
+    t = cfg.training
+    if graphs and dev.type == "cuda":
+        return step_graphs.make_optimizer(params, t.learning_rate, t.weight_decay, dev)
     if t.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay,
                                  fused=dev.type == "cuda")
@@ -155,7 +169,9 @@ class Trainer:
         self.class_weights = weights.to(self.dev) if weights is not None else None
         self.batches_per_epoch = math.ceil(len(self.train_examples) / t.batch_size)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / t.grad_accum)
-        self.optimizer = _make_optimizer(cfg, self.trainable, self.dev)
+        self.graphs = graphs_wanted(cfg, self.dev, self.world)
+        self.optimizer = _make_optimizer(cfg, self.trainable, self.dev, self.graphs)
+        self.step_graphs: step_graphs.StepGraphs | None = None  # made at the first step (after any resume)
         from transformers import get_scheduler
 
         total = self.steps_per_epoch * t.epochs
@@ -220,6 +236,14 @@ class Trainer:
         lengths = [len(e.input_ids) for e in self.train_examples]
         batches = length_grouped_batches(lengths, t.batch_size, t.seed + self.epoch)
         total_loss, tokens, t0 = 0.0, 0, time.perf_counter()
+        if self.graphs:
+            steps = self._graphed_steps()
+            for idx in batches:
+                batch = self.approach.collate([self.train_examples[j] for j in idx], train=True)
+                tokens += int(batch["attention_mask"].sum())
+                total_loss += steps(batch) * len(idx)
+                self.scheduler.step()
+            return self._epoch_metrics(total_loss, tokens, t0)
         self.optimizer.zero_grad(set_to_none=True)
         for i, idx in enumerate(batches):
             mine = D.share(idx, self.rank, self.world)
@@ -239,6 +263,17 @@ class Trainer:
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
+        return self._epoch_metrics(total_loss, tokens, t0)
+
+    def _graphed_steps(self) -> step_graphs.StepGraphs:
+        if self.step_graphs is None:
+            self.step_graphs = step_graphs.StepGraphs(
+                lambda b: self.approach.loss(self.model, b, self.class_weights), self.approach.pad_columns,
+                self.trainable, self.optimizer, self.cfg.training.max_grad_norm, self.cfg.training.batch_size,
+                self.dev, context=lambda: autocast(self.dev, self.bf16, cache=False))
+        return self.step_graphs
+
+    def _epoch_metrics(self, total_loss, tokens: int, t0: float) -> dict[str, float]:
         total_loss, tokens = D.sum_floats(float(total_loss), tokens, dev=self.dev)
         secs = time.perf_counter() - t0
         loss = total_loss / len(self.train_examples)
@@ -246,7 +281,8 @@ class Trainer:
             raise FloatingPointError(f"training loss became {loss} in epoch {self.epoch + 1}; lower training.learning_rate")
         return {"train_loss": loss, "train_seconds": secs,
                 "train_samples_per_second": len(self.train_examples) / secs,
-                "train_tokens_per_second": tokens / secs, "workers": self.world, "learning_rate": self.scheduler.get_last_lr()[0]}
+                "train_tokens_per_second": tokens / secs, "workers": self.world,
+                "learning_rate": float(self.scheduler.get_last_lr()[0])}
 
     def evaluate(self, split: str) -> tuple[np.ndarray, dict]:
         """Probabilities ``[N, classes]`` and a full report (with confusion matrix) for one split."""
@@ -321,7 +357,12 @@ class Trainer:
         trainable = load_file(str(folder / "trainable.safetensors"))
         self.load_trainable_state(trainable)
         opt = torch.load(folder / "optimizer.pt", map_location=self.dev, weights_only=True)
+        lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(opt["optimizer"])
+        for g, lr in zip(self.optimizer.param_groups, lrs):
+            if torch.is_tensor(lr):  # a graphed step reads its learning rate from this very tensor
+                lr.fill_(float(g["lr"]))
+                g["lr"] = lr
         self.scheduler.load_state_dict(opt["scheduler"])
         state = json.loads((folder / "trainer_state.json").read_text())
         self.epoch, self.history = state["epoch"], state["history"]

@@ -95,6 +95,17 @@ class Approach:
     def collate(self, batch: list[Example], train: bool) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def pad_columns(self, batch: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
+        """A training batch (from :meth:`collate`) with its columns right-padded to ``length``: pad
+        tokens, masked out, which causal attention keeps every real token from seeing. The batch's
+        shapes then depend on its rows and ``length`` only (a CUDA graph per bucket,
+        :mod:`trainables.step_graphs`), and its loss is the same."""
+        extra = length - batch["input_ids"].shape[1]
+        if extra <= 0:
+            return batch
+        return {**batch, "input_ids": F.pad(batch["input_ids"], (0, extra), value=self.tok.pad_token_id),
+                "attention_mask": F.pad(batch["attention_mask"], (0, extra), value=0)}
+
     # ---------------------------------------------------------------- training and scoring
 
     def class_weights(self, train_labels: list[int]) -> torch.Tensor | None:

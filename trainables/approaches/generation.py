@@ -14,6 +14,8 @@ from trainables.approaches.base import Approach, Example
 from trainables.errors import InputError
 from trainables.strict import Strict
 
+IGNORE = -100
+"""A padded label position's target (:meth:`GenerationApproach.pad_columns`): no loss."""
 DEFAULT_PROMPT = (
     "Classify the text into one of these labels: {labels}.\n"
     "Text: {text}\n"
@@ -112,6 +114,18 @@ class GenerationApproach(Approach):
                 "target_ids": torch.tensor([t for _, _, t in pos], dtype=torch.long),
                 "target_row": torch.tensor([r for r, _, _ in pos], dtype=torch.long)}
 
+    def pad_columns(self, batch, length):
+        """As :meth:`Approach.pad_columns`, with the label positions moved to the new row length and
+        padded to a fixed count (rows x the longest label; the extra targets are ignored by the loss)."""
+        old = batch["input_ids"].shape[1] - 1
+        out = dict(super().pad_columns(batch, length))
+        pos = batch["target_pos"]
+        fill = batch["input_ids"].shape[0] * max(map(len, self.label_ids)) - len(pos)
+        out["target_pos"] = F.pad((pos // old) * (length - 1) + pos % old, (0, fill), value=0)
+        out["target_ids"] = F.pad(batch["target_ids"], (0, fill), value=IGNORE)
+        out["target_row"] = F.pad(batch["target_row"], (0, fill), value=0)
+        return out
+
     def _token_logits(self, model, batch):
         """Logits only where a label token is predicted: the full-vocabulary projection of every
         position is skipped (it dominates compute and memory for short classifiers)."""
@@ -123,7 +137,7 @@ class GenerationApproach(Approach):
 
     def loss(self, model, batch, class_weights):
         logits, tgt = self._token_logits(model, batch)
-        return F.cross_entropy(logits, tgt)
+        return F.cross_entropy(logits, tgt, ignore_index=IGNORE)
 
     def _first_ids_on(self, dev: torch.device) -> torch.Tensor:
         """The labels' first token ids on ``dev``, copied there once (no copy inside a CUDA graph)."""

@@ -1,0 +1,140 @@
+"""CUDA graphs for training: a whole optimizer step (gradients zeroed, forward, loss, backward,
+gradient clipping, AdamW) captured once per batch shape and replayed.
+
+A small model's training step is bound by kernel launches and Python, not arithmetic: SmolLM2-135M's
+step took about 200 ms on an H100 at batch 32 or 128 alike (../NOTES.md), with the GPU idle most of the
+time, and a trial alone on an H200 kept it 13.5% busy (BENCHMARKS.md, issue 16). A replayed graph
+launches all of a step's kernels at once.
+
+Shapes are few: every full batch has ``batch_size`` rows, and its columns are padded up to a bucket
+(:func:`trainables.graphs.bucket_length`) by the approach (:meth:`Approach.pad_columns`: right padding,
+masked, which causal attention keeps every real token from seeing, and static label positions for
+generation). A batch of fewer rows (the last of an epoch) runs the same step eagerly.
+
+What a graph needs, and gets here:
+
+* gradients that never move: they are allocated once, zeroed in place inside the step, and kept;
+* an optimizer that runs on the device alone: fused AdamW with ``capturable=True`` and the learning
+  rate as a device tensor, which the scheduler fills in place (:func:`make_optimizer`);
+* lazy initialisation outside the graph: each bucket's first steps run on a side stream before its
+  capture, and the weights and optimizer state are put back afterwards, so warming up trains nothing.
+
+``capture=False`` runs the same padded steps eagerly (and the same warm-up and restore): the CPU tests
+check it against the plain loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, ContextManager
+
+import torch
+
+from trainables.graphs import bucket_length
+
+Batch = dict[str, torch.Tensor]
+WARMUP_STEPS = 2
+
+
+def make_optimizer(params: list[torch.Tensor], lr: float, weight_decay: float, dev: torch.device):
+    """AdamW that a CUDA graph can capture: fused, ``capturable``, the learning rate a device tensor
+    (a float would be baked into the graph; a scheduler fills the tensor in place)."""
+    return torch.optim.AdamW(params, lr=torch.tensor(lr, dtype=torch.float32, device=dev),
+                             weight_decay=weight_decay, fused=True, capturable=True)
+
+
+class StepGraphs:
+    """``step(batch) -> loss``: one optimizer step on a CPU batch of ``rows`` x any length, replayed
+    from a CUDA graph per length bucket; batches of other row counts run eagerly.
+
+    ``loss_fn(batch)`` computes the loss of a device batch (under ``context()``: autocast with its
+    cache off); ``pad(batch, length)`` pads a CPU batch's columns to ``length`` (the approach's
+    :meth:`pad_columns`). ``params`` are the trainable weights; the optimizer steps them."""
+
+    def __init__(self, loss_fn: Callable[[Batch], torch.Tensor], pad: Callable[[Batch, int], Batch],
+                 params: list[torch.Tensor], optimizer: torch.optim.Optimizer, max_grad_norm: float, rows: int,
+                 dev: torch.device, capture: bool = True,
+                 context: Callable[[], ContextManager] = contextlib.nullcontext):
+        self.loss_fn, self.pad, self.params, self.optimizer = loss_fn, pad, params, optimizer
+        self.max_grad_norm, self.rows, self.dev, self.context = max_grad_norm, rows, dev, context
+        self.capture = capture and dev.type == "cuda"
+        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self.graphs: dict[int, tuple[Batch, torch.Tensor, object | None]] = {}
+        with torch.no_grad():
+            for p in params:  # gradients live here for good: graphs write them in place
+                p.grad = torch.zeros_like(p)
+        self.grads = [p.grad for p in params]
+        self._lrs = [g["lr"] for g in optimizer.param_groups]
+
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        if self.capture and self.graphs and any(g["lr"] is not lr for g, lr in zip(self.optimizer.param_groups, self._lrs)):
+            raise RuntimeError("the optimizer's learning rates were replaced after CUDA graphs were made")
+        for p, g in zip(self.params, self.grads):
+            p.grad = g  # in case anything set them to None
+        rows, length = batch["input_ids"].shape
+        if rows != self.rows:
+            with self.context():
+                return self._step({k: v.to(self.dev, non_blocking=True) for k, v in batch.items()})
+        key = bucket_length(length)
+        batch = self.pad(batch, key)
+        if key not in self.graphs:
+            self._build(key, batch)
+        static, loss, graph = self.graphs[key]
+        for k, buf in static.items():
+            buf.copy_(batch[k], non_blocking=True)
+        if graph is None:
+            with self.context():
+                return self._step(static)
+        graph.replay()
+        return loss
+
+    def _step(self, batch: Batch) -> torch.Tensor:
+        """The step itself: what a graph captures, and what runs eagerly."""
+        torch._foreach_zero_(self.grads)
+        loss = self.loss_fn(batch)
+        loss.backward()
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
+        self.optimizer.step()
+        return loss.detach()
+
+    def _build(self, key: int, like: Batch) -> None:
+        static = {k: v.to(self.dev).clone() for k, v in like.items()}
+        saved = self._snapshot()
+        side = torch.cuda.Stream(self.dev) if self.capture else None
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(self.dev))
+        with self.context(), (torch.cuda.stream(side) if side is not None else contextlib.nullcontext()):
+            for _ in range(WARMUP_STEPS):  # lazy initialisation (optimizer state, autograd, cuBLAS) outside the graph
+                self._step(static)
+        if side is not None:
+            torch.cuda.current_stream(self.dev).wait_stream(side)
+        self._restore(saved)
+        graph = None
+        if self.capture:
+            graph = torch.cuda.CUDAGraph()
+            with self.context(), torch.cuda.graph(graph, pool=self.pool):
+                loss = self._step(static)
+        else:
+            loss = torch.zeros((), device=self.dev)
+        self.graphs[key] = (static, loss, graph)
+
+    def _snapshot(self) -> tuple[list[torch.Tensor], dict]:
+        with torch.no_grad():
+            weights = [p.detach().clone() for p in self.params]
+        state = {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in self.optimizer.state[p].items()}
+                 for p in self.params if p in self.optimizer.state}
+        return weights, state
+
+    def _restore(self, saved: tuple[list[torch.Tensor], dict]) -> None:
+        """Weights and optimizer state as before the warm-up steps, in place (a graph keeps addresses);
+        state the warm-up created goes back to AdamW's initial zeros."""
+        weights, state = saved
+        with torch.no_grad():
+            for p, w in zip(self.params, weights):
+                p.copy_(w)
+            for p in self.params:
+                before = state.get(id(p))
+                for k, v in self.optimizer.state.get(p, {}).items():
+                    if torch.is_tensor(v):
+                        v.copy_(before[k]) if before is not None else v.zero_()
