@@ -83,14 +83,38 @@ def test_graphed_training_steps_train_as_the_plain_loop(tmp_path, approach):
 
 
 @pytest.mark.parametrize("approach", ["head", "generation"])
-def test_padding_columns_keeps_the_training_loss(tiny_csv, approach):
-    cfg = RunConfig.model_validate(tiny_config(tiny_csv, approach=approach, quantization="none"))
+def test_padding_columns_keeps_the_training_loss(tmp_path, approach):
+    rows = ["text,label"] + [f'"item {i} was {w}",{y}' for i in range(24)
+                             for w, y in [(("fine", "ok"), ("a letdown", "not good at all"))[i % 2]]]
+    (tmp_path / "d.csv").write_text("\n".join(rows) + "\n")  # labels of 2 and 6 tokens or so
+    cfg = RunConfig.model_validate(tiny_config(tmp_path / "d.csv", approach=approach, quantization="none"))
     tr = Trainer(cfg, load_dataset(cfg.data), log=lambda *_: None)
     batch = tr.approach.collate(tr.train_examples[:5], train=True)
     padded = tr.approach.pad_columns(batch, batch["input_ids"].shape[1] + 23)
     assert padded["input_ids"].shape[1] == batch["input_ids"].shape[1] + 23
     if approach == "generation":  # label positions padded to rows x the longest label
-        assert len(padded["target_pos"]) == 5 * max(map(len, tr.approach.label_ids))
+        lengths = sorted(map(len, tr.approach.label_ids))
+        assert lengths[0] < lengths[-1] and len(batch["target_pos"]) < len(padded["target_pos"]) == 5 * lengths[-1]
     with torch.no_grad():
         a, b = (tr.approach.loss(tr.model, x, None).item() for x in (batch, padded))
     assert a == pytest.approx(b, rel=1e-5) and a > 0
+
+
+def test_graphed_training_resumes_with_the_learning_rate_its_graphs_read(tmp_path):
+    """A graphed step reads the learning rate from the optimizer's own tensor, which the scheduler
+    fills in place; loading a checkpoint must keep that tensor (with the saved value), not replace it."""
+    data = _varied_csv(tmp_path / "varied.csv")
+    cfg = RunConfig.model_validate(tiny_config(data, quantization="none", **{
+        "training.cuda_graphs": True, "training.batch_size": 6, "training.epochs": 3, "training.warmup_ratio": 0.3}))
+    a = Trainer(cfg, load_dataset(cfg.data), log=lambda *_: None)
+    a.train_epoch()
+    a.epoch = 1
+    a.save_checkpoint(tmp_path / "ck")
+    saved_lr = float(a.optimizer.param_groups[0]["lr"])
+    b = Trainer(cfg, load_dataset(cfg.data), log=lambda *_: None)
+    lr = b.optimizer.param_groups[0]["lr"]
+    assert torch.is_tensor(lr) and float(lr) != saved_lr  # still at its first warm-up value
+    b.load_checkpoint(tmp_path / "ck")
+    assert b.optimizer.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(saved_lr)
+    b.train_epoch()  # the steps' learning-rate check passes, and the schedule moves the same tensor
+    assert b.optimizer.param_groups[0]["lr"] is lr and float(lr) != pytest.approx(saved_lr)

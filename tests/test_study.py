@@ -94,7 +94,11 @@ def test_warm_start_gives_optuna_the_old_trials_where_the_spaces_agree(finished_
 
     df = study_rows(finished_study)
     new = StudyConfig.model_validate(cfg)
-    first = warm_trials(finished_study, new, parse_search(new, "s.yaml"))[2]
+    _, notes, first = warm_trials(finished_study, new, parse_search(new, "s.yaml"))
+    assert not any("its rerun may be cut" in n for n in notes), notes
+    short = new.model_copy(update={"time_budget_s": 0.5})  # shorter than any old trial: its user is told
+    cut = [n for n in warm_trials(finished_study, short, parse_search(short, "s.yaml"))[1] if "rerun may be cut" in n]
+    assert len(cut) == 1 and cut[0].startswith(f"{first[0]['approach']}: {finished_study.name}'s best trial ran"), cut
     by_approach = df.groupby("approach")["best_eval_f1_macro"].max()
     values = [by_approach[p["approach"]] for p in first]
     assert len(first) == 2 and values == sorted(values, reverse=True), (first, by_approach)  # the best first

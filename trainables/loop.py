@@ -110,7 +110,7 @@ def graphs_wanted(cfg: RunConfig, dev: torch.device, world: int) -> bool:
 
 def _make_optimizer(cfg: RunConfig, params, dev: torch.device, graphs: bool = False):
     t = cfg.training
-    if graphs and dev.type == "cuda":
+    if graphs:
         return step_graphs.make_optimizer(params, t.learning_rate, t.weight_decay, dev)
     if t.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay,

@@ -38,9 +38,11 @@ WARMUP_STEPS = 2
 
 def make_optimizer(params: list[torch.Tensor], lr: float, weight_decay: float, dev: torch.device):
     """AdamW that a CUDA graph can capture: fused, ``capturable``, the learning rate a device tensor
-    (a float would be baked into the graph; a scheduler fills the tensor in place)."""
-    return torch.optim.AdamW(params, lr=torch.tensor(lr, dtype=torch.float32, device=dev),
-                             weight_decay=weight_decay, fused=True, capturable=True)
+    (a float would be baked into the graph; a scheduler fills the tensor in place). On the CPU the
+    same tensor learning rate, on the single-tensor path (what the CPU tests run)."""
+    cuda = dev.type == "cuda"
+    return torch.optim.AdamW(params, lr=torch.tensor(lr, dtype=torch.float32, device=dev), weight_decay=weight_decay,
+                             fused=cuda or None, capturable=cuda, foreach=False if not cuda else None)
 
 
 class StepGraphs:
@@ -67,7 +69,7 @@ class StepGraphs:
         self._lrs = [g["lr"] for g in optimizer.param_groups]
 
     def __call__(self, batch: Batch) -> torch.Tensor:
-        if self.capture and self.graphs and any(g["lr"] is not lr for g, lr in zip(self.optimizer.param_groups, self._lrs)):
+        if self.graphs and any(g["lr"] is not lr for g, lr in zip(self.optimizer.param_groups, self._lrs)):
             raise RuntimeError("the optimizer's learning rates were replaced after CUDA graphs were made")
         for p, g in zip(self.params, self.grads):
             p.grad = g  # in case anything set them to None

@@ -31,7 +31,7 @@ def warm_trials(old, study: StudyConfig, space: SearchSpace) -> tuple[list, list
     df = study_rows(old)
     approaches = space.approaches(study.approach)
     trials, outside, missing, other_approach = [], {}, {}, 0
-    best: dict[str, tuple[float, dict]] = {}  # approach -> (value, its carried-over parameters)
+    best: dict[str, tuple[float, dict, float, int]] = {}  # approach -> (value, carried-over parameters, wall s, epochs)
     sign = 1 if study.mode == "max" else -1
     old_keys = {k for k in df.columns if "." in k or k == "approach"} if len(df) else set()
     for _, row in df.iterrows():
@@ -64,7 +64,7 @@ def warm_trials(old, study: StudyConfig, space: SearchSpace) -> tuple[list, list
         trials.append(trial)
         value = sign * row[f"best_{study.metric}"]
         if approach not in best or value > best[approach][0]:
-            best[approach] = (value, params)
+            best[approach] = (value, params, float(row.get("wall_seconds", 0.0)), int(row.get("epochs", 0)))
     notes = [f"{k}: not searched by {old.name} ({n} trial(s) carried over without it)" for k, n in missing.items()]
     notes += [f"{k}: outside this space in {n} trial(s) (carried over without it)" for k, n in outside.items()]
     dropped = sorted(old_keys - {k for k in space.common} - {k for b in space.blocks.values() for k in b}
@@ -73,6 +73,10 @@ def warm_trials(old, study: StudyConfig, space: SearchSpace) -> tuple[list, list
     if other_approach:
         notes.append(f"approach: {other_approach} trial(s) of approaches this study does not search were left out")
     ranked = sorted((a for a in approaches if a in best and best[a][1]), key=lambda a: -best[a][0])
+    budget = study.time_budget_s
+    notes += [f"{a}: {old.name}'s best trial ran {best[a][2]:.0f} s for {best[a][3]} epoch(s); within "
+              f"time_budget_s {budget:g} its rerun may be cut before then" for a in ranked[:1]
+              if budget and best[a][2] > budget]
     return trials, notes, [best[a][1] for a in ranked]
 
 
