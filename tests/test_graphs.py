@@ -101,8 +101,8 @@ def test_padding_columns_keeps_the_training_loss(tmp_path, approach):
 
 
 def test_graphed_training_resumes_with_the_learning_rate_its_graphs_read(tmp_path):
-    """A graphed step reads the learning rate from the optimizer's own tensor, which the scheduler
-    fills in place; loading a checkpoint must keep that tensor (with the saved value), not replace it."""
+    """A graphed step reads the learning rate from one tensor, which the scheduler fills in place.
+    Loading a checkpoint replaces the optimizer's tensor: the steps take the loaded value into theirs."""
     data = _varied_csv(tmp_path / "varied.csv")
     cfg = RunConfig.model_validate(tiny_config(data, quantization="none", **{
         "training.cuda_graphs": True, "training.batch_size": 6, "training.epochs": 3, "training.warmup_ratio": 0.3}))
@@ -110,11 +110,15 @@ def test_graphed_training_resumes_with_the_learning_rate_its_graphs_read(tmp_pat
     a.train_epoch()
     a.epoch = 1
     a.save_checkpoint(tmp_path / "ck")
-    saved_lr = float(a.optimizer.param_groups[0]["lr"])
     b = Trainer(cfg, load_dataset(cfg.data), log=lambda *_: None)
-    lr = b.optimizer.param_groups[0]["lr"]
-    assert torch.is_tensor(lr) and float(lr) != saved_lr  # still at its first warm-up value
+    b.train_epoch()  # b's graphs are made, with b's own learning-rate tensor
+    graphs_lr = b.optimizer.param_groups[0]["lr"]
+    assert torch.is_tensor(graphs_lr) and b.step_graphs._lrs == [graphs_lr]
     b.load_checkpoint(tmp_path / "ck")
-    assert b.optimizer.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(saved_lr)
-    b.train_epoch()  # the steps' learning-rate check passes, and the schedule moves the same tensor
-    assert b.optimizer.param_groups[0]["lr"] is lr and float(lr) != pytest.approx(saved_lr)
+    assert b.optimizer.param_groups[0]["lr"] is not graphs_lr  # replaced by the loaded one
+    steps, taken = b.step_graphs._step, []
+    b.step_graphs._step = lambda batch: (taken.append(float(graphs_lr)), steps(batch))[1]
+    b.train_epoch()
+    assert b.optimizer.param_groups[0]["lr"] is graphs_lr
+    saved = float(a.scheduler.get_last_lr()[0])  # where a's schedule stood at the save
+    assert taken[0] == pytest.approx(saved) and taken[-1] != pytest.approx(taken[0]), (saved, taken)

@@ -267,8 +267,12 @@ class Trainer:
 
     def _graphed_steps(self) -> step_graphs.StepGraphs:
         if self.step_graphs is None:
+            # without the padding mask (as graphed scoring, trainables.predict.unmasked_pass): batches are
+            # right-padded, so under causal attention no real token sees padding and the loss is the same,
+            # and transformers' mask logic, which reads the mask on the host, stays out of the graph
             self.step_graphs = step_graphs.StepGraphs(
-                lambda b: self.approach.loss(self.model, b, self.class_weights), self.approach.pad_columns,
+                lambda b: self.approach.loss(self.model, {**b, "attention_mask": None}, self.class_weights),
+                self.approach.pad_columns,
                 self.trainable, self.optimizer, self.cfg.training.max_grad_norm, self.cfg.training.batch_size,
                 self.dev, context=lambda: autocast(self.dev, self.bf16, cache=False))
         return self.step_graphs
@@ -357,12 +361,7 @@ class Trainer:
         trainable = load_file(str(folder / "trainable.safetensors"))
         self.load_trainable_state(trainable)
         opt = torch.load(folder / "optimizer.pt", map_location=self.dev, weights_only=True)
-        lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(opt["optimizer"])
-        for g, lr in zip(self.optimizer.param_groups, lrs):
-            if torch.is_tensor(lr):  # a graphed step reads its learning rate from this very tensor
-                lr.fill_(float(g["lr"]))
-                g["lr"] = lr
         self.scheduler.load_state_dict(opt["scheduler"])
         state = json.loads((folder / "trainer_state.json").read_text())
         self.epoch, self.history = state["epoch"], state["history"]

@@ -8,8 +8,10 @@ launches all of a step's kernels at once.
 
 Shapes are few: every full batch has ``batch_size`` rows, and its columns are padded up to a bucket
 (:func:`trainables.graphs.bucket_length`) by the approach (:meth:`Approach.pad_columns`: right padding,
-masked, which causal attention keeps every real token from seeing, and static label positions for
-generation). A batch of fewer rows (the last of an epoch) runs the same step eagerly.
+which causal attention keeps every real token from seeing, and static label positions for
+generation). The trainer's loss runs without the padding mask, as graphed scoring does: transformers'
+mask logic reads the mask on the host, which capture forbids. A batch of fewer rows (the last of an
+epoch) runs the same step eagerly.
 
 What a graph needs, and gets here:
 
@@ -66,11 +68,16 @@ class StepGraphs:
             for p in params:  # gradients live here for good: graphs write them in place
                 p.grad = torch.zeros_like(p)
         self.grads = [p.grad for p in params]
+        for g in optimizer.param_groups:  # the graphs read the learning rate from a tensor (see make_optimizer)
+            if not torch.is_tensor(g["lr"]):
+                g["lr"] = torch.tensor(float(g["lr"]), dtype=torch.float32, device=dev)
         self._lrs = [g["lr"] for g in optimizer.param_groups]
 
     def __call__(self, batch: Batch) -> torch.Tensor:
-        if self.graphs and any(g["lr"] is not lr for g, lr in zip(self.optimizer.param_groups, self._lrs)):
-            raise RuntimeError("the optimizer's learning rates were replaced after CUDA graphs were made")
+        for g, lr in zip(self.optimizer.param_groups, self._lrs):
+            if g["lr"] is not lr:  # a scheduler that assigns instead of filling: the graphs read this tensor
+                lr.fill_(g["lr"])
+                g["lr"] = lr
         for p, g in zip(self.params, self.grads):
             p.grad = g  # in case anything set them to None
         rows, length = batch["input_ids"].shape
