@@ -69,6 +69,8 @@ CASES = [
      "training.max_length"),
     ("paged-optimizer-on-cpu", dict(cfg_over={"training.optimizer": "paged_adamw_8bit"}), "needs a CUDA GPU"),
     ("bad-target-modules", dict(cfg_over={"lora.target_modules": ["no_such_proj"]}), "lora.target_modules"),
+    ("graphs-with-accumulation", dict(cfg_over={"training.cuda_graphs": True, "training.grad_accum": 2}),
+     "training: cuda_graphs: true needs grad_accum 1"),
     ("bad-set-syntax", dict(extra_args=("--set", "training.epochs")), "expected KEY=VALUE"),
     ("bad-set-value", dict(extra_args=("--set", "training.batch_size=0")), "training.batch_size"),
 ]

@@ -142,6 +142,8 @@ def format_validation_error(err: ValidationError, model_cls: type[BaseModel], so
         msg = f"unknown key{_suggest(loc[-1], fields)}"
     elif e["type"] == "missing":
         msg = "required key is missing"
+    elif e["type"] == "value_error":  # a validator's own message, without pydantic's "Value error, "
+        msg = str(e.get("ctx", {}).get("error", msg))
     more = len(err.errors()) - 1
     tail = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
     return f"{source}: {key}: {msg}{tail}"
