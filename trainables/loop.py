@@ -172,6 +172,7 @@ class Trainer:
         self.graphs = graphs_wanted(cfg, self.dev, self.world)
         self.optimizer = _make_optimizer(cfg, self.trainable, self.dev, self.graphs)
         self.step_graphs: step_graphs.StepGraphs | None = None  # made at the first step (after any resume)
+        self._told_graphs_failed = False
         from transformers import get_scheduler
 
         total = self.steps_per_epoch * t.epochs
@@ -243,7 +244,11 @@ class Trainer:
                 tokens += int(batch["attention_mask"].sum())
                 total_loss += steps(batch) * len(idx)
                 self.scheduler.step()
-            return self._epoch_metrics(total_loss, tokens, t0)
+            if steps.failed and not self._told_graphs_failed:
+                self.log(f"training.cuda_graphs: a step could not be captured ({steps.failed}); training goes on without graphs")
+                self._told_graphs_failed = True
+            return {**self._epoch_metrics(total_loss, tokens, t0),
+                    "cuda_graphs": sum(g is not None for _, _, g in steps.graphs.values())}
         self.optimizer.zero_grad(set_to_none=True)
         for i, idx in enumerate(batches):
             mine = D.share(idx, self.rank, self.world)

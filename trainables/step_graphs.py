@@ -21,6 +21,8 @@ What a graph needs, and gets here:
 * lazy initialisation outside the graph: each bucket's first steps run on a side stream before its
   capture, and the weights and optimizer state are put back afterwards, so warming up trains nothing.
 
+A step that a graph cannot hold (an operation that waits on the host, say) fails its capture; the
+run then goes on eagerly, and :attr:`StepGraphs.failed` says why (the trainer logs it, once).
 ``capture=False`` runs the same padded steps eagerly (and the same warm-up and restore): the CPU tests
 check it against the plain loop.
 """
@@ -64,6 +66,8 @@ class StepGraphs:
         self.capture = capture and dev.type == "cuda"
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.graphs: dict[int, tuple[Batch, torch.Tensor, object | None]] = {}
+        self.failed: str | None = None
+        """Why a capture failed (the steps then run eagerly, padded as before); None while none has."""
         with torch.no_grad():
             for p in params:  # gradients live here for good: graphs write them in place
                 p.grad = torch.zeros_like(p)
@@ -109,24 +113,37 @@ class StepGraphs:
 
     def _build(self, key: int, like: Batch) -> None:
         static = {k: v.to(self.dev).clone() for k, v in like.items()}
-        saved = self._snapshot()
-        side = torch.cuda.Stream(self.dev) if self.capture else None
+        graph, loss = None, torch.zeros((), device=self.dev)
+        if self.failed is None:
+            saved = self._snapshot()
+            self._warm_up(static)
+            self._restore(saved)
+            if self.capture:
+                try:
+                    graph, loss = self._capture(static)
+                except Exception as e:  # noqa: BLE001 - a step graphs cannot hold: train eagerly instead
+                    self.failed = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+                    self.capture, graph, loss = False, None, torch.zeros((), device=self.dev)
+                    self._restore(saved)
+        self.graphs[key] = (static, loss, graph)
+
+    def _warm_up(self, static: Batch) -> None:
+        """Steps that do the lazy initialisation (optimizer state, autograd, cuBLAS) outside the graph:
+        on a side stream, as capture wants."""
+        side = torch.cuda.Stream(self.dev) if self.dev.type == "cuda" else None
         if side is not None:
             side.wait_stream(torch.cuda.current_stream(self.dev))
         with self.context(), (torch.cuda.stream(side) if side is not None else contextlib.nullcontext()):
-            for _ in range(WARMUP_STEPS):  # lazy initialisation (optimizer state, autograd, cuBLAS) outside the graph
+            for _ in range(WARMUP_STEPS):
                 self._step(static)
         if side is not None:
             torch.cuda.current_stream(self.dev).wait_stream(side)
-        self._restore(saved)
-        graph = None
-        if self.capture:
-            graph = torch.cuda.CUDAGraph()
-            with self.context(), torch.cuda.graph(graph, pool=self.pool):
-                loss = self._step(static)
-        else:
-            loss = torch.zeros((), device=self.dev)
-        self.graphs[key] = (static, loss, graph)
+
+    def _capture(self, static: Batch) -> tuple[object, torch.Tensor]:
+        graph = torch.cuda.CUDAGraph()
+        with self.context(), torch.cuda.graph(graph, pool=self.pool):
+            loss = self._step(static)
+        return graph, loss
 
     def _snapshot(self) -> tuple[list[torch.Tensor], dict]:
         with torch.no_grad():
