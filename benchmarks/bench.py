@@ -635,8 +635,7 @@ def bench_graphs(rows: str = "2000", epochs: str = "2", batch: str = "32") -> No
                              "eval_loss": [round(e.get("eval_loss", float("nan")), 4) for e in h],
                              "eval_accuracy": [round(e.get("eval_accuracy", float("nan")), 4) for e in h],
                              "steady_samples_per_s": round(int(rows) / h[-1]["train_seconds"], 1),
-                             "graphs": sum(g is not None for _, _, g in tr.step_graphs.graphs.values())
-                             if tr.step_graphs else 0,
+                             "graphs": tr.step_graphs.captured if tr.step_graphs else 0,
                              "capture_failed": tr.step_graphs.failed if tr.step_graphs else None,
                              "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
                 del tr

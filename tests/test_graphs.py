@@ -124,9 +124,15 @@ def test_graphed_training_resumes_with_the_learning_rate_its_graphs_read(tmp_pat
     assert taken[0] == pytest.approx(saved) and taken[-1] != pytest.approx(taken[0]), (saved, taken)
 
 
-def test_a_step_that_cannot_be_captured_trains_on_without_graphs(tmp_path):
+def test_a_step_that_cannot_be_captured_trains_on_without_graphs(tmp_path, monkeypatch):
     """Where capture fails (an operation that waits on the host, say), the run goes on eagerly with the
     same padded steps, says why once, and learns what the plain loop learns."""
+    import trainables.step_graphs as SG
+
+    def fail(fn, pool):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
+
+    monkeypatch.setattr(SG, "capture_graph", fail)
     data = _varied_csv(tmp_path / "varied.csv")
     over = {"training.batch_size": 6, "training.epochs": 2, "data.split": {"eval": 0.2, "test": 0.0, "seed": 0}}
     runs, lines = {}, []
@@ -136,11 +142,6 @@ def test_a_step_that_cannot_be_captured_trains_on_without_graphs(tmp_path):
         if graphs:
             steps = tr._graphed_steps()
             steps.capture = True  # as on a GPU, with a capture that fails
-
-            def fail(static):
-                raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
-
-            steps._capture = fail
         runs[graphs] = [tr.train_epoch() for _ in range(2)]
     assert [m["train_loss"] for m in runs[True]] == pytest.approx([m["train_loss"] for m in runs[False]], rel=1e-4)
     assert steps.failed == "RuntimeError: CUDA error: operation not permitted when stream is capturing"

@@ -102,6 +102,9 @@ def test_warm_start_gives_optuna_the_old_trials_where_the_spaces_agree(finished_
     by_approach = df.groupby("approach")["best_eval_f1_macro"].max()
     values = [by_approach[p["approach"]] for p in first]
     assert len(first) == 2 and values == sorted(values, reverse=True), (first, by_approach)  # the best first
+    swapped = StudyConfig.model_validate({**cfg, "search": {**cfg["search"], "approach": {"choice": ["generation", "head"]}}})
+    again = warm_trials(finished_study, swapped, parse_search(swapped, "s.yaml"))[2]
+    assert by_approach.nunique() == 1 or [p["approach"] for p in again] == [p["approach"] for p in first]  # by value
     for point in first:
         same = df[df["approach"] == point["approach"]]
         tops = same[same["best_eval_f1_macro"] == same["best_eval_f1_macro"].max()]  # one of them, if tied

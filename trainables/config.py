@@ -61,14 +61,16 @@ class TrainingSettings(Strict):
     """Which epoch's adapter the output keeps: the best on eval ``metric``, or the last."""
     metric: Literal["f1_macro", "accuracy", "balanced_accuracy", "loss"] = "f1_macro"
 
+    def graph_clashes(self) -> list[str]:
+        """The settings that keep training steps out of CUDA graphs (``cuda_graphs``)."""
+        return [f for f, bad in (("grad_accum", self.grad_accum > 1), ("optimizer", self.optimizer != "adamw"),
+                                 ("compile", self.compile)) if bad]
+
     @model_validator(mode="after")
     def _graphable(self):
-        if self.cuda_graphs is True:
-            clash = [f for f, bad in (("grad_accum", self.grad_accum > 1), ("optimizer", self.optimizer != "adamw"),
-                                      ("compile", self.compile)) if bad]
-            if clash:
-                raise ValueError(f"cuda_graphs: true needs grad_accum 1, optimizer adamw and compile false "
-                                 f"(see {', '.join(clash)})")
+        if self.cuda_graphs is True and self.graph_clashes():
+            raise ValueError(f"cuda_graphs: true needs grad_accum 1, optimizer adamw and compile false "
+                             f"(see {', '.join(self.graph_clashes())})")
         return self
 
 

@@ -42,6 +42,27 @@ def bucket_length(n: int) -> int:
         p *= 2
 
 
+def warm_up(fn: Callable[[], object], dev: torch.device, times: int = 2) -> None:
+    """Run ``fn`` ``times`` so that lazy initialisation (cuBLAS handles, autograd, optimizer state)
+    happens before a capture: on a side stream on CUDA, as capture wants; plainly elsewhere."""
+    side = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+    if side is not None:
+        side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        for _ in range(times):
+            fn()
+    if side is not None:
+        torch.cuda.current_stream(dev).wait_stream(side)
+
+
+def capture_graph(fn: Callable[[], torch.Tensor], pool) -> tuple[object, torch.Tensor]:
+    """``fn``'s CUDA work as a graph (in memory ``pool``), and its output: the tensor each replay rewrites."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
+
+
 @dataclass
 class _Captured:
     inputs: Batch
@@ -120,16 +141,9 @@ class GraphedScorer:
         if not self.capture:
             g = _Captured(static, torch.empty(0), None)
         else:
-            side = torch.cuda.Stream(self.dev)
-            side.wait_stream(torch.cuda.current_stream(self.dev))
             with self.context():
-                with torch.cuda.stream(side):  # warm-up passes: lazy initialisation happens outside the graph
-                    for _ in range(2):
-                        self.score(static)
-                torch.cuda.current_stream(self.dev).wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool):
-                    out = self.score(static)
+                warm_up(lambda: self.score(static), self.dev)
+                graph, out = capture_graph(lambda: self.score(static), self.pool)
             g = _Captured(static, out, graph)
         self.graphs[key] = g
         return g

@@ -104,8 +104,7 @@ def graphs_wanted(cfg: RunConfig, dev: torch.device, world: int) -> bool:
         if world > 1:
             raise InputError("training.cuda_graphs: true needs a single worker (resources_per_trial.workers 1)")
         return True
-    return t.cuda_graphs == "auto" and dev.type == "cuda" and world == 1 and t.grad_accum == 1 \
-        and t.optimizer == "adamw" and not t.compile
+    return t.cuda_graphs == "auto" and dev.type == "cuda" and world == 1 and not t.graph_clashes()
 
 
 def _make_optimizer(cfg: RunConfig, params, dev: torch.device, graphs: bool = False):
@@ -172,7 +171,6 @@ class Trainer:
         self.graphs = graphs_wanted(cfg, self.dev, self.world)
         self.optimizer = _make_optimizer(cfg, self.trainable, self.dev, self.graphs)
         self.step_graphs: step_graphs.StepGraphs | None = None  # made at the first step (after any resume)
-        self._told_graphs_failed = False
         from transformers import get_scheduler
 
         total = self.steps_per_epoch * t.epochs
@@ -244,11 +242,7 @@ class Trainer:
                 tokens += int(batch["attention_mask"].sum())
                 total_loss += steps(batch) * len(idx)
                 self.scheduler.step()
-            if steps.failed and not self._told_graphs_failed:
-                self.log(f"training.cuda_graphs: a step could not be captured ({steps.failed}); training goes on without graphs")
-                self._told_graphs_failed = True
-            return {**self._epoch_metrics(total_loss, tokens, t0),
-                    "cuda_graphs": sum(g is not None for _, _, g in steps.graphs.values())}
+            return {**self._epoch_metrics(total_loss, tokens, t0), "cuda_graphs": steps.captured}
         self.optimizer.zero_grad(set_to_none=True)
         for i, idx in enumerate(batches):
             mine = D.share(idx, self.rank, self.world)
@@ -279,7 +273,7 @@ class Trainer:
                 lambda b: self.approach.loss(self.model, {**b, "attention_mask": None}, self.class_weights),
                 self.approach.pad_columns,
                 self.trainable, self.optimizer, self.cfg.training.max_grad_norm, self.cfg.training.batch_size,
-                self.dev, context=lambda: autocast(self.dev, self.bf16, cache=False))
+                self.dev, context=lambda: autocast(self.dev, self.bf16, cache=False), log=self.log)
         return self.step_graphs
 
     def _epoch_metrics(self, total_loss, tokens: int, t0: float) -> dict[str, float]:

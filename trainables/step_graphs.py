@@ -22,7 +22,7 @@ What a graph needs, and gets here:
   capture, and the weights and optimizer state are put back afterwards, so warming up trains nothing.
 
 A step that a graph cannot hold (an operation that waits on the host, say) fails its capture; the
-run then goes on eagerly, and :attr:`StepGraphs.failed` says why (the trainer logs it, once).
+run then goes on eagerly, and :attr:`StepGraphs.failed` says why (``log`` gets it, once).
 ``capture=False`` runs the same padded steps eagerly (and the same warm-up and restore): the CPU tests
 check it against the plain loop.
 """
@@ -34,7 +34,7 @@ from typing import Callable, ContextManager
 
 import torch
 
-from trainables.graphs import bucket_length
+from trainables.graphs import bucket_length, capture_graph, warm_up
 
 Batch = dict[str, torch.Tensor]
 WARMUP_STEPS = 2
@@ -55,13 +55,15 @@ class StepGraphs:
 
     ``loss_fn(batch)`` computes the loss of a device batch (under ``context()``: autocast with its
     cache off); ``pad(batch, length)`` pads a CPU batch's columns to ``length`` (the approach's
-    :meth:`pad_columns`). ``params`` are the trainable weights; the optimizer steps them."""
+    :meth:`pad_columns`). ``params`` are the trainable weights; the optimizer steps them, and must
+    come from :func:`make_optimizer` (its learning rate a tensor). Their gradients are allocated here
+    and must stay: nothing else may zero them to None."""
 
     def __init__(self, loss_fn: Callable[[Batch], torch.Tensor], pad: Callable[[Batch, int], Batch],
                  params: list[torch.Tensor], optimizer: torch.optim.Optimizer, max_grad_norm: float, rows: int,
                  dev: torch.device, capture: bool = True,
-                 context: Callable[[], ContextManager] = contextlib.nullcontext):
-        self.loss_fn, self.pad, self.params, self.optimizer = loss_fn, pad, params, optimizer
+                 context: Callable[[], ContextManager] = contextlib.nullcontext, log: Callable[[str], object] = print):
+        self.loss_fn, self.pad, self.params, self.optimizer, self.log = loss_fn, pad, params, optimizer, log
         self.max_grad_norm, self.rows, self.dev, self.context = max_grad_norm, rows, dev, context
         self.capture = capture and dev.type == "cuda"
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
@@ -72,9 +74,6 @@ class StepGraphs:
             for p in params:  # gradients live here for good: graphs write them in place
                 p.grad = torch.zeros_like(p)
         self.grads = [p.grad for p in params]
-        for g in optimizer.param_groups:  # the graphs read the learning rate from a tensor (see make_optimizer)
-            if not torch.is_tensor(g["lr"]):
-                g["lr"] = torch.tensor(float(g["lr"]), dtype=torch.float32, device=dev)
         self._lrs = [g["lr"] for g in optimizer.param_groups]
 
     def __call__(self, batch: Batch) -> torch.Tensor:
@@ -82,8 +81,6 @@ class StepGraphs:
             if g["lr"] is not lr:  # a scheduler that assigns instead of filling: the graphs read this tensor
                 lr.fill_(g["lr"])
                 g["lr"] = lr
-        for p, g in zip(self.params, self.grads):
-            p.grad = g  # in case anything set them to None
         rows, length = batch["input_ids"].shape
         if rows != self.rows:
             with self.context():
@@ -116,34 +113,25 @@ class StepGraphs:
         graph, loss = None, torch.zeros((), device=self.dev)
         if self.failed is None:
             saved = self._snapshot()
-            self._warm_up(static)
+            with self.context():
+                warm_up(lambda: self._step(static), self.dev, WARMUP_STEPS)
             self._restore(saved)
             if self.capture:
                 try:
-                    graph, loss = self._capture(static)
+                    with self.context():
+                        graph, loss = capture_graph(lambda: self._step(static), self.pool)
                 except Exception as e:  # noqa: BLE001 - a step graphs cannot hold: train eagerly instead
                     self.failed = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+                    self.log(f"training.cuda_graphs: a step could not be captured ({self.failed}); "
+                             "training goes on without graphs")
                     self.capture, graph, loss = False, None, torch.zeros((), device=self.dev)
                     self._restore(saved)
         self.graphs[key] = (static, loss, graph)
 
-    def _warm_up(self, static: Batch) -> None:
-        """Steps that do the lazy initialisation (optimizer state, autograd, cuBLAS) outside the graph:
-        on a side stream, as capture wants."""
-        side = torch.cuda.Stream(self.dev) if self.dev.type == "cuda" else None
-        if side is not None:
-            side.wait_stream(torch.cuda.current_stream(self.dev))
-        with self.context(), (torch.cuda.stream(side) if side is not None else contextlib.nullcontext()):
-            for _ in range(WARMUP_STEPS):
-                self._step(static)
-        if side is not None:
-            torch.cuda.current_stream(self.dev).wait_stream(side)
-
-    def _capture(self, static: Batch) -> tuple[object, torch.Tensor]:
-        graph = torch.cuda.CUDAGraph()
-        with self.context(), torch.cuda.graph(graph, pool=self.pool):
-            loss = self._step(static)
-        return graph, loss
+    @property
+    def captured(self) -> int:
+        """How many length buckets replay from a graph."""
+        return sum(g is not None for _, _, g in self.graphs.values())
 
     def _snapshot(self) -> tuple[list[torch.Tensor], dict]:
         with torch.no_grad():

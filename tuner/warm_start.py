@@ -8,12 +8,23 @@ of them first), so the configuration known to be best is measured on the new dat
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import pandas as pd
 
 from trainables.errors import InputError
 from tuner.searcher import mlflow_value, optuna_distribution
 from tuner.study_config import SearchSpace, StudyConfig
+
+
+class _Best(NamedTuple):
+    """An old study's best trial of one approach, as the new study reruns it."""
+
+    approach: str
+    value: float  # the metric, signed so that larger is better
+    params: dict  # its carried-over parameters
+    wall_s: float
+    epochs: int
 
 
 def warm_trials(old, study: StudyConfig, space: SearchSpace) -> tuple[list, list[str], list[dict]]:
@@ -31,7 +42,7 @@ def warm_trials(old, study: StudyConfig, space: SearchSpace) -> tuple[list, list
     df = study_rows(old)
     approaches = space.approaches(study.approach)
     trials, outside, missing, other_approach = [], {}, {}, 0
-    best: dict[str, tuple[float, dict, float, int]] = {}  # approach -> (value, carried-over parameters, wall s, epochs)
+    best: dict[str, _Best] = {}  # approach -> its best trial
     sign = 1 if study.mode == "max" else -1
     old_keys = {k for k in df.columns if "." in k or k == "approach"} if len(df) else set()
     for _, row in df.iterrows():
@@ -63,8 +74,9 @@ def warm_trials(old, study: StudyConfig, space: SearchSpace) -> tuple[list, list
                                               intermediate_values=dict(enumerate(history, 1)))
         trials.append(trial)
         value = sign * row[f"best_{study.metric}"]
-        if approach not in best or value > best[approach][0]:
-            best[approach] = (value, params, float(row.get("wall_seconds", 0.0)), int(row.get("epochs", 0)))
+        if approach not in best or value > best[approach].value:
+            best[approach] = _Best(approach, value, params, float(row.get("wall_seconds", 0.0)),
+                                   int(row.get("epochs", 0)))
     notes = [f"{k}: not searched by {old.name} ({n} trial(s) carried over without it)" for k, n in missing.items()]
     notes += [f"{k}: outside this space in {n} trial(s) (carried over without it)" for k, n in outside.items()]
     dropped = sorted(old_keys - {k for k in space.common} - {k for b in space.blocks.values() for k in b}
@@ -72,12 +84,12 @@ def warm_trials(old, study: StudyConfig, space: SearchSpace) -> tuple[list, list
     notes += [f"{k}: not in this space (the old values are ignored)" for k in dropped if _searched(df, k)]
     if other_approach:
         notes.append(f"approach: {other_approach} trial(s) of approaches this study does not search were left out")
-    ranked = sorted((a for a in approaches if a in best and best[a][1]), key=lambda a: -best[a][0])
+    ranked = sorted((b for b in best.values() if b.params), key=lambda b: -b.value)
     budget = study.time_budget_s
-    notes += [f"{a}: {old.name}'s best trial ran {best[a][2]:.0f} s for {best[a][3]} epoch(s); within "
-              f"time_budget_s {budget:g} its rerun may be cut before then" for a in ranked[:1]
-              if budget and best[a][2] > budget]
-    return trials, notes, [best[a][1] for a in ranked]
+    notes += [f"{b.approach}: {old.name}'s best trial ran {b.wall_s:.0f} s for "
+              f"{b.epochs} epoch(s); within time_budget_s {budget:g} its rerun may be cut before then"
+              for b in ranked[:1] if budget and b.wall_s > budget]
+    return trials, notes, [b.params for b in ranked]
 
 
 def _searched(df: pd.DataFrame, key: str) -> bool:
