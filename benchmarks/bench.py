@@ -609,46 +609,50 @@ def bench_refit(study_yaml: str = str(ROOT / "benchmarks" / "sls-refit.yaml"), s
           "refit_card": card(), "refit_runs": {"file": Path(study_yaml).name, "sets": list(sets), "seeds": rows}})
 
 
-def bench_graphs(rows: str = "2000", epochs: str = "2", batch: str = "32") -> None:
+def bench_graphs(rows: str = "2000", epochs: str = "2", batch: str = "32", bases: str = "dequantized") -> None:
     """Issue 14: training steps replayed from CUDA graphs (``training.cuda_graphs``) against the plain
-    loop, same process, same card, same settings (the default study's best: NF4 base dequantized
-    once, LoRA r 32, dropout 0.05). Epoch 1 includes each length bucket's warm-up and capture; the
-    last epoch is the steady rate. Train losses show that both learn the same."""
+    loop, same process, same card, same settings (the default study's best: LoRA r 32, dropout 0.05;
+    ``bases``: ``dequantized`` (NF4 dequantized once, what ``dequantize_base: auto`` picks for a small
+    model) and/or ``nf4`` (bitsandbytes' 4-bit kernels in the step), comma-separated). Epoch 1 includes
+    each length bucket's warm-up and capture; the last epoch is the steady rate. Train losses show that
+    both learn the same."""
     out = {"rows": int(rows), "epochs": int(epochs), "batch": int(batch), "model": model_ref()}
-    for approach in ("head", "generation"):
-        for graphs in (False, True):
-            name = f"{approach}_{'graphs' if graphs else 'plain'}"
-            try:
-                from trainables.data import load_dataset
-                from trainables.loop import Trainer
+    for base, approach, graphs in [(b, a, g) for b in bases.split(",") for a in ("head", "generation")
+                                   for g in (False, True)]:
+        name = f"{approach}_{'graphs' if graphs else 'plain'}" + ("" if base == "dequantized" else f"_{base}")
+        try:
+            from trainables.data import load_dataset
+            from trainables.loop import Trainer
 
-                cfg = run_config(approach, "nf4", int(rows), int(epochs), int(batch), 1e-3, 32,
-                                 dequantize_base=True, cuda_graphs=graphs)
-                torch.cuda.reset_peak_memory_stats()
-                t0 = time.perf_counter()
-                tr = Trainer(cfg, load_dataset(cfg.data), log=print)
-                res = tr.fit()
-                h = res.history
-                out[name] = {"setup_s": round(tr.setup_seconds, 2), "total_s": round(time.perf_counter() - t0, 2),
-                             "epoch_train_s": [round(e["train_seconds"], 2) for e in h],
-                             "train_loss": [round(e["train_loss"], 4) for e in h],
-                             "eval_loss": [round(e.get("eval_loss", float("nan")), 4) for e in h],
-                             "eval_accuracy": [round(e.get("eval_accuracy", float("nan")), 4) for e in h],
-                             "steady_samples_per_s": round(int(rows) / h[-1]["train_seconds"], 1),
-                             "graphs": tr.step_graphs.captured if tr.step_graphs else 0,
-                             "capture_failed": tr.step_graphs.failed if tr.step_graphs else None,
-                             "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
-                del tr
-                torch.cuda.empty_cache()
-            except Exception as e:  # noqa: BLE001 - report and go on
-                import traceback
+            cfg = run_config(approach, "nf4", int(rows), int(epochs), int(batch), 1e-3, 32,
+                             dequantize_base=base == "dequantized", cuda_graphs=graphs)
+            torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            tr = Trainer(cfg, load_dataset(cfg.data), log=print)
+            res = tr.fit()
+            h = res.history
+            out[name] = {"setup_s": round(tr.setup_seconds, 2), "total_s": round(time.perf_counter() - t0, 2),
+                         "epoch_train_s": [round(e["train_seconds"], 2) for e in h],
+                         "train_loss": [round(e["train_loss"], 4) for e in h],
+                         "eval_loss": [round(e.get("eval_loss", float("nan")), 4) for e in h],
+                         "eval_accuracy": [round(e.get("eval_accuracy", float("nan")), 4) for e in h],
+                         "steady_samples_per_s": round(int(rows) / h[-1]["train_seconds"], 1),
+                         "graphs": tr.step_graphs.captured if tr.step_graphs else 0,
+                         "capture_failed": tr.step_graphs.failed if tr.step_graphs else None,
+                         "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+            del tr
+            torch.cuda.empty_cache()
+        except Exception as e:  # noqa: BLE001 - report and go on
+            import traceback
 
-                traceback.print_exc()
-                out[name] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
-            print(name, out[name], flush=True)
-        p, g = out.get(f"{approach}_plain", {}), out.get(f"{approach}_graphs", {})
-        if "steady_samples_per_s" in p and "steady_samples_per_s" in g:
-            out[f"{approach}_graphs_speedup"] = round(g["steady_samples_per_s"] / p["steady_samples_per_s"], 2)
+            traceback.print_exc()
+            out[name] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
+        print(name, out[name], flush=True)
+        if graphs:
+            tail = "" if base == "dequantized" else f"_{base}"
+            p, g = out.get(f"{approach}_plain{tail}", {}), out.get(name, {})
+            if "steady_samples_per_s" in p and "steady_samples_per_s" in g:
+                out[f"{approach}_graphs_speedup{tail}"] = round(g["steady_samples_per_s"] / p["steady_samples_per_s"], 2)
     save({"step_graphs": out, "step_graphs_card": card()})
 
 

@@ -8,6 +8,7 @@ import torch
 
 from tests.conftest import tiny_config
 from trainables.approaches import batched_log_scores
+from trainables.approaches.base import IGNORE
 from trainables.config import RunConfig
 from trainables.data import load_dataset
 from trainables.graphs import GraphedScorer, bucket_length, bucket_rows
@@ -61,10 +62,10 @@ def _varied_csv(path) -> str:
 
 @pytest.mark.parametrize("approach", ["head", "generation"])
 def test_graphed_training_steps_train_as_the_plain_loop(tmp_path, approach):
-    """training.cuda_graphs pads every full batch to its length bucket and steps through StepGraphs
-    (warm-up steps before each bucket's capture, then weights and AdamW state put back); the last,
-    shorter batch runs eagerly. On the CPU the same padded steps run without capture: the losses and
-    the trained adapter must be those of the plain loop."""
+    """training.cuda_graphs pads every batch to batch_size rows and its length bucket and steps through
+    StepGraphs (warm-up steps before each bucket's capture, then weights and AdamW state put back); the
+    last, shorter batch gets filler rows without loss. On the CPU the same padded steps run without
+    capture: the losses and the trained adapter must be those of the plain loop."""
     data = _varied_csv(tmp_path / "varied.csv")
     runs = {}
     for graphs in (False, True):
@@ -83,18 +84,19 @@ def test_graphed_training_steps_train_as_the_plain_loop(tmp_path, approach):
 
 
 @pytest.mark.parametrize("approach", ["head", "generation"])
-def test_padding_columns_keeps_the_training_loss(tmp_path, approach):
+def test_padding_rows_and_columns_keeps_the_training_loss(tmp_path, approach):
     rows = ["text,label"] + [f'"item {i} was {w}",{y}' for i in range(24)
                              for w, y in [(("fine", "ok"), ("a letdown", "not good at all"))[i % 2]]]
     (tmp_path / "d.csv").write_text("\n".join(rows) + "\n")  # labels of 2 and 6 tokens or so
     cfg = RunConfig.model_validate(tiny_config(tmp_path / "d.csv", approach=approach, quantization="none"))
     tr = Trainer(cfg, load_dataset(cfg.data), log=lambda *_: None)
     batch = tr.approach.collate(tr.train_examples[:5], train=True)
-    padded = tr.approach.pad_columns(batch, batch["input_ids"].shape[1] + 23)
-    assert padded["input_ids"].shape[1] == batch["input_ids"].shape[1] + 23
+    padded = tr.approach.pad_to(batch, 8, batch["input_ids"].shape[1] + 23)
+    assert padded["input_ids"].shape == (8, batch["input_ids"].shape[1] + 23)
+    assert padded["labels"][5:].tolist() == [IGNORE] * 3
     if approach == "generation":  # label positions padded to rows x the longest label
         lengths = sorted(map(len, tr.approach.label_ids))
-        assert lengths[0] < lengths[-1] and len(batch["target_pos"]) < len(padded["target_pos"]) == 5 * lengths[-1]
+        assert lengths[0] < lengths[-1] and len(batch["target_pos"]) < len(padded["target_pos"]) == 8 * lengths[-1]
     with torch.no_grad():
         a, b = (tr.approach.loss(tr.model, x, None).item() for x in (batch, padded))
     assert a == pytest.approx(b, rel=1e-5) and a > 0

@@ -44,7 +44,12 @@ def bucket_length(n: int) -> int:
 
 def warm_up(fn: Callable[[], object], dev: torch.device, times: int = 2) -> None:
     """Run ``fn`` ``times`` so that lazy initialisation (cuBLAS handles, autograd, optimizer state)
-    happens before a capture: on a side stream on CUDA, as capture wants; plainly elsewhere."""
+    happens before a capture: on a side stream on CUDA, as capture wants; plainly elsewhere.
+
+    The blocks the warm-up cached go back to the device afterwards: they belong to a side stream (one
+    of PyTorch's pool, a different one each time), so nothing else would reuse them, and each
+    bucket's warm-up would keep a whole step's activations reserved. (Before this, graphed trials
+    held 22-29 GB each where 8 shared an H200, and a few ran out of memory: BENCHMARKS.md, issue 14.)"""
     side = torch.cuda.Stream(dev) if dev.type == "cuda" else None
     if side is not None:
         side.wait_stream(torch.cuda.current_stream(dev))
@@ -53,6 +58,8 @@ def warm_up(fn: Callable[[], object], dev: torch.device, times: int = 2) -> None
             fn()
     if side is not None:
         torch.cuda.current_stream(dev).wait_stream(side)
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
 
 
 def capture_graph(fn: Callable[[], torch.Tensor], pool) -> tuple[object, torch.Tensor]:

@@ -271,7 +271,7 @@ class Trainer:
             # and transformers' mask logic, which reads the mask on the host, stays out of the graph
             self.step_graphs = step_graphs.StepGraphs(
                 lambda b: self.approach.loss(self.model, {**b, "attention_mask": None}, self.class_weights),
-                self.approach.pad_columns,
+                self.approach.pad_to,
                 self.trainable, self.optimizer, self.cfg.training.max_grad_norm, self.cfg.training.batch_size,
                 self.dev, context=lambda: autocast(self.dev, self.bf16, cache=False), log=self.log)
         return self.step_graphs
@@ -313,6 +313,8 @@ class Trainer:
             if self.data.eval is not None:
                 t0 = time.perf_counter()
                 _, rep = self.evaluate("eval")
+                if self.graphs and self.dev.type == "cuda":
+                    torch.cuda.empty_cache()  # the eager pass's cached blocks: graphed steps train from their own pool
                 m.update({f"eval_{k}": rep[k] for k in (*M.METRICS, "loss")})
                 m["eval_seconds"] = time.perf_counter() - t0
                 value = self._score_value(m)

@@ -6,12 +6,13 @@ step took about 200 ms on an H100 at batch 32 or 128 alike (../NOTES.md), with t
 time, and a trial alone on an H200 kept it 13.5% busy (BENCHMARKS.md, issue 16). A replayed graph
 launches all of a step's kernels at once.
 
-Shapes are few: every full batch has ``batch_size`` rows, and its columns are padded up to a bucket
-(:func:`trainables.graphs.bucket_length`) by the approach (:meth:`Approach.pad_columns`: right padding,
-which causal attention keeps every real token from seeing, and static label positions for
-generation). The trainer's loss runs without the padding mask, as graphed scoring does: transformers'
-mask logic reads the mask on the host, which capture forbids. A batch of fewer rows (the last of an
-epoch) runs the same step eagerly.
+Shapes are few: every batch is padded to ``batch_size`` rows and its columns up to a length bucket
+(:func:`trainables.graphs.bucket_length`) by the approach (:meth:`Approach.pad_to`: right padding,
+which causal attention keeps every real token from seeing, filler rows whose targets are ignored,
+and static label positions for generation). The last, shorter batch of an epoch replays the same
+graph: no step runs eagerly, so no eager step's memory stays cached beside the graphs' pool. The
+trainer's loss runs without the padding mask, as graphed scoring does: transformers' mask logic
+reads the mask on the host, which capture forbids.
 
 What a graph needs, and gets here:
 
@@ -19,7 +20,8 @@ What a graph needs, and gets here:
 * an optimizer that runs on the device alone: fused AdamW with ``capturable=True`` and the learning
   rate as a device tensor, which the scheduler fills in place (:func:`make_optimizer`);
 * lazy initialisation outside the graph: each bucket's first steps run on a side stream before its
-  capture, and the weights and optimizer state are put back afterwards, so warming up trains nothing.
+  capture, and the weights and optimizer state are put back afterwards, so warming up trains nothing
+  (and the memory it cached goes back to the device: :func:`trainables.graphs.warm_up`).
 
 A step that a graph cannot hold (an operation that waits on the host, say) fails its capture; the
 run then goes on eagerly, and :attr:`StepGraphs.failed` says why (``log`` gets it, once).
@@ -50,16 +52,16 @@ def make_optimizer(params: list[torch.Tensor], lr: float, weight_decay: float, d
 
 
 class StepGraphs:
-    """``step(batch) -> loss``: one optimizer step on a CPU batch of ``rows`` x any length, replayed
-    from a CUDA graph per length bucket; batches of other row counts run eagerly.
+    """``step(batch) -> loss``: one optimizer step on a CPU batch of at most ``rows`` rows and any
+    length, replayed from a CUDA graph per length bucket.
 
     ``loss_fn(batch)`` computes the loss of a device batch (under ``context()``: autocast with its
-    cache off); ``pad(batch, length)`` pads a CPU batch's columns to ``length`` (the approach's
-    :meth:`pad_columns`). ``params`` are the trainable weights; the optimizer steps them, and must
+    cache off); ``pad(batch, rows, length)`` pads a CPU batch to ``rows`` x ``length`` with the same
+    loss (the approach's :meth:`pad_to`). ``params`` are the trainable weights; the optimizer steps them, and must
     come from :func:`make_optimizer` (its learning rate a tensor). Their gradients are allocated here
     and must stay: nothing else may zero them to None."""
 
-    def __init__(self, loss_fn: Callable[[Batch], torch.Tensor], pad: Callable[[Batch, int], Batch],
+    def __init__(self, loss_fn: Callable[[Batch], torch.Tensor], pad: Callable[[Batch, int, int], Batch],
                  params: list[torch.Tensor], optimizer: torch.optim.Optimizer, max_grad_norm: float, rows: int,
                  dev: torch.device, capture: bool = True,
                  context: Callable[[], ContextManager] = contextlib.nullcontext, log: Callable[[str], object] = print):
@@ -82,11 +84,10 @@ class StepGraphs:
                 lr.fill_(g["lr"])
                 g["lr"] = lr
         rows, length = batch["input_ids"].shape
-        if rows != self.rows:
-            with self.context():
-                return self._step({k: v.to(self.dev, non_blocking=True) for k, v in batch.items()})
+        if rows > self.rows:
+            raise ValueError(f"a batch of {rows} rows; the graphs take at most {self.rows}")
         key = bucket_length(length)
-        batch = self.pad(batch, key)
+        batch = self.pad(batch, self.rows, key)
         if key not in self.graphs:
             self._build(key, batch)
         static, loss, graph = self.graphs[key]

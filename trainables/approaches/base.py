@@ -18,6 +18,10 @@ import torch.nn.functional as F
 from trainables.errors import InputError
 from trainables.strict import Strict
 
+IGNORE = -100
+"""The target of a padded row or label position (:meth:`Approach.pad_to`): no loss (PyTorch's
+``cross_entropy`` default ``ignore_index``)."""
+
 if TYPE_CHECKING:
     from trainables.config import RunConfig
 
@@ -95,16 +99,24 @@ class Approach:
     def collate(self, batch: list[Example], train: bool) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def pad_columns(self, batch: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
-        """A training batch (from :meth:`collate`) with its columns right-padded to ``length``: pad
-        tokens, masked out, which causal attention keeps every real token from seeing. The batch's
-        shapes then depend on its rows and ``length`` only (a CUDA graph per bucket,
-        :mod:`trainables.step_graphs`), and its loss is the same."""
-        extra = length - batch["input_ids"].shape[1]
-        if extra <= 0:
+    def pad_to(self, batch: dict[str, torch.Tensor], rows: int, length: int) -> dict[str, torch.Tensor]:
+        """A training batch (from :meth:`collate`) padded to ``rows`` x ``length``, with the same loss:
+        extra columns are right padding (pad tokens, masked out), which causal attention keeps every
+        real token from seeing; extra rows are pad tokens (the first one visible) whose label is
+        :data:`IGNORE`, so no loss.
+        The batch's shapes then depend on ``rows`` and ``length`` only (one CUDA graph per length
+        bucket, :mod:`trainables.step_graphs`)."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        down, right = rows - ids.shape[0], length - ids.shape[1]
+        if down <= 0 and right <= 0:
             return batch
-        return {**batch, "input_ids": F.pad(batch["input_ids"], (0, extra), value=self.tok.pad_token_id),
-                "attention_mask": F.pad(batch["attention_mask"], (0, extra), value=0)}
+        down, right = max(0, down), max(0, right)
+        out = {**batch, "input_ids": F.pad(ids, (0, right, 0, down), value=self.tok.pad_token_id),
+               "attention_mask": F.pad(mask, (0, right, 0, down), value=0)}
+        out["attention_mask"][ids.shape[0]:, 0] = 1  # filler rows: one visible pad token (no empty softmax)
+        if "labels" in batch:
+            out["labels"] = F.pad(batch["labels"], (0, down), value=IGNORE)
+        return out
 
     # ---------------------------------------------------------------- training and scoring
 

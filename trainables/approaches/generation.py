@@ -10,12 +10,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import field_validator
 
-from trainables.approaches.base import Approach, Example
+from trainables.approaches.base import IGNORE, Approach, Example
 from trainables.errors import InputError
 from trainables.strict import Strict
 
-IGNORE = -100
-"""A padded label position's target (:meth:`GenerationApproach.pad_columns`): no loss."""
 DEFAULT_PROMPT = (
     "Classify the text into one of these labels: {labels}.\n"
     "Text: {text}\n"
@@ -114,13 +112,14 @@ class GenerationApproach(Approach):
                 "target_ids": torch.tensor([t for _, _, t in pos], dtype=torch.long),
                 "target_row": torch.tensor([r for r, _, _ in pos], dtype=torch.long)}
 
-    def pad_columns(self, batch, length):
-        """As :meth:`Approach.pad_columns`, with the label positions moved to the new row length and
-        padded to a fixed count (rows x the longest label; the extra targets are ignored by the loss)."""
+    def pad_to(self, batch, rows, length):
+        """As :meth:`Approach.pad_to`, with the label positions moved to the new row length and
+        padded to a fixed count (``rows`` x the longest label; the extra targets are ignored)."""
         old = batch["input_ids"].shape[1] - 1
-        out = dict(super().pad_columns(batch, length))
+        out = dict(super().pad_to(batch, rows, length))
+        length = out["input_ids"].shape[1]
         pos = batch["target_pos"]
-        fill = batch["input_ids"].shape[0] * max(map(len, self.label_ids)) - len(pos)
+        fill = out["input_ids"].shape[0] * max(map(len, self.label_ids)) - len(pos)
         out["target_pos"] = F.pad((pos // old) * (length - 1) + pos % old, (0, fill), value=0)
         out["target_ids"] = F.pad(batch["target_ids"], (0, fill), value=IGNORE)
         out["target_row"] = F.pad(batch["target_row"], (0, fill), value=0)
