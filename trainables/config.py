@@ -43,12 +43,14 @@ class TrainingSettings(Strict):
     compile: bool = False
     """``torch.compile`` each decoder layer (one graph serves them all): fewer kernel launches and
     less Python per step, for a compile cost at the start of each run."""
-    cuda_graphs: Literal["auto", True, False] = False
+    cuda_graphs: Literal["auto", True, False] = "auto"
     """Replay each training step (forward, backward, clipping, AdamW) from a CUDA graph, one per
     padded batch length (:mod:`trainables.step_graphs`): a small model's step is bound by kernel
-    launches, not arithmetic. It needs one worker, ``grad_accum`` 1, ``optimizer`` adamw and no
-    ``compile``; ``auto`` uses it on a CUDA GPU where those hold. ``true`` on the CPU runs the same
-    padded steps without graphs."""
+    launches, not arithmetic (6-9.5x samples/s for SmolLM2-135M alone on an H200, BENCHMARKS.md). It
+    needs one worker, ``grad_accum`` 1, ``optimizer`` adamw, no ``compile`` and no
+    ``gradient_checkpointing``; ``auto`` uses it on a CUDA GPU where those hold, and a step that
+    cannot be captured trains on eagerly. ``true`` on the CPU runs the same padded steps without
+    graphs."""
     dequantize_base: Literal["auto", True, False] = "auto"
     """Dequantize the 4-bit (or 8-bit) base once, before training, into the compute dtype: the very
     weights bitsandbytes dequantizes at every call, without that per-layer work each step (the model
@@ -64,12 +66,14 @@ class TrainingSettings(Strict):
     def graph_clashes(self) -> list[str]:
         """The settings that keep training steps out of CUDA graphs (``cuda_graphs``)."""
         return [f for f, bad in (("grad_accum", self.grad_accum > 1), ("optimizer", self.optimizer != "adamw"),
-                                 ("compile", self.compile)) if bad]
+                                 ("compile", self.compile), ("gradient_checkpointing", self.gradient_checkpointing))
+                if bad]
 
     @model_validator(mode="after")
     def _graphable(self):
         if self.cuda_graphs is True and self.graph_clashes():
-            raise ValueError(f"cuda_graphs: true needs grad_accum 1, optimizer adamw and compile false "
+            raise ValueError(f"cuda_graphs: true needs grad_accum 1, optimizer adamw, compile false and "
+                             f"gradient_checkpointing false "
                              f"(see {', '.join(self.graph_clashes())})")
         return self
 
