@@ -102,28 +102,35 @@ def test_padding_rows_and_columns_keeps_the_training_loss(tmp_path, approach):
     assert a == pytest.approx(b, rel=1e-5) and a > 0
 
 
-def test_graphed_training_resumes_with_the_learning_rate_its_graphs_read(tmp_path):
-    """A graphed step reads the learning rate from one tensor, which the scheduler fills in place.
-    Loading a checkpoint replaces the optimizer's tensor: the steps take the loaded value into theirs."""
+def test_graphed_training_resumes_with_the_state_its_graphs_read(tmp_path):
+    """A graph holds the addresses of the optimizer's state and learning-rate tensor, which the
+    scheduler fills in place. Loading a checkpoint replaces them: the graphs are made anew, and the
+    steps after it read the loaded learning rate. A scheduler that assigns a new learning rate
+    instead of filling it is put back into the tensor the graphs read."""
     data = _varied_csv(tmp_path / "varied.csv")
     cfg = RunConfig.model_validate(tiny_config(data, quantization="none", **{
         "training.cuda_graphs": True, "training.batch_size": 6, "training.epochs": 3, "training.warmup_ratio": 0.3}))
     a = Trainer(cfg, load_dataset(cfg.data), log=lambda *_: None)
     a.train_epoch()
     a.epoch = 1
+    saved = float(a.scheduler.get_last_lr()[0])  # where a's schedule stands at the save
     a.save_checkpoint(tmp_path / "ck")
     b = Trainer(cfg, load_dataset(cfg.data), log=lambda *_: None)
-    b.train_epoch()  # b's graphs are made, with b's own learning-rate tensor
-    graphs_lr = b.optimizer.param_groups[0]["lr"]
-    assert torch.is_tensor(graphs_lr) and b.step_graphs._lrs == [graphs_lr]
+    b.train_epoch()  # b's graphs are made, with b's own state
+    old = b.step_graphs
     b.load_checkpoint(tmp_path / "ck")
-    assert b.optimizer.param_groups[0]["lr"] is not graphs_lr  # replaced by the loaded one
-    steps, taken = b.step_graphs._step, []
-    b.step_graphs._step = lambda batch: (taken.append(float(graphs_lr)), steps(batch))[1]
+    assert b.step_graphs is None
+    steps = b._graphed_steps()
+    lr = b.optimizer.param_groups[0]["lr"]
+    assert steps is not old and torch.is_tensor(lr) and steps._lrs == [lr]
+    inner, taken = steps._step, []
+    steps._step = lambda batch: (taken.append(float(lr)), inner(batch))[1]
     b.train_epoch()
-    assert b.optimizer.param_groups[0]["lr"] is graphs_lr
-    saved = float(a.scheduler.get_last_lr()[0])  # where a's schedule stood at the save
     assert taken[0] == pytest.approx(saved) and taken[-1] != pytest.approx(taken[0]), (saved, taken)
+    b.optimizer.param_groups[0]["lr"] = torch.tensor(0.125)  # a scheduler that assigns a new object
+    taken.clear()
+    b.train_epoch()
+    assert taken[0] == 0.125 and b.optimizer.param_groups[0]["lr"] is lr
 
 
 def test_a_step_that_cannot_be_captured_trains_on_without_graphs(tmp_path, monkeypatch):

@@ -363,6 +363,7 @@ class Trainer:
         self.load_trainable_state(trainable)
         opt = torch.load(folder / "optimizer.pt", map_location=self.dev, weights_only=True)
         self.optimizer.load_state_dict(opt["optimizer"])
+        self.step_graphs = None  # graphs captured before hold the replaced optimizer state: capture anew
         self.scheduler.load_state_dict(opt["scheduler"])
         state = json.loads((folder / "trainer_state.json").read_text())
         self.epoch, self.history = state["epoch"], state["history"]
