@@ -361,10 +361,11 @@ def bench_mfu() -> None:
     from trainables.models import compile_layers
 
     out = {}
-    variants = [  # name, batch, seq, gradient checkpointing, LoRA targets, bf16 autocast, compile
+    variants = [  # name, batch, seq, gradient checkpointing, LoRA targets, bf16 autocast, compile (or "graphs")
         ("reference", 8, 512, True, ["q_proj", "k_proj", "v_proj", "o_proj"], False, False),
         ("ours", 32, 256, False, "all-linear", True, False),
         ("ours_compile", 32, 256, False, "all-linear", True, True),
+        ("ours_graphs", 32, 256, False, "all-linear", True, "graphs"),  # training.cuda_graphs' StepGraphs
     ]
     for shape in os.environ.get("MFU_SHAPES", "1b,8b").split(","):
         for name, batch, seq, ckpt, targets, autocast, compiled in variants:
@@ -378,19 +379,33 @@ def bench_mfu() -> None:
                 for p in model.parameters():
                     if p.requires_grad and autocast:
                         p.data = p.data.float()
-                if compiled:
+                if compiled is True:
                     compile_layers(model)
-                opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
                 x = torch.randint(1, 128000, (batch, seq), device="cuda")
                 y = torch.randint(0, 3, (batch,), device="cuda")
                 ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else torch.autocast("cuda", enabled=False)
+                if compiled == "graphs":
+                    from trainables.step_graphs import StepGraphs, make_optimizer
 
-                def step():
-                    with ctx:
-                        loss = torch.nn.functional.cross_entropy(model(input_ids=x).logits.float(), y)
-                    loss.backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
+                    params = [p for p in model.parameters() if p.requires_grad]
+                    opt = make_optimizer(params, 1e-4, 0.0, x.device)
+                    graphed = StepGraphs(
+                        lambda b: torch.nn.functional.cross_entropy(model(input_ids=b["input_ids"]).logits.float(), b["labels"]),
+                        lambda b, rows, length: b, params, opt, 0.0, batch, x.device,
+                        context=lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False))
+                    cpu_batch = {"input_ids": x.cpu().pin_memory(), "labels": y.cpu().pin_memory()}
+
+                    def step():
+                        graphed(cpu_batch)
+                else:
+                    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+
+                    def step():
+                        with ctx:
+                            loss = torch.nn.functional.cross_entropy(model(input_ids=x).logits.float(), y)
+                        loss.backward()
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
 
                 t = time.perf_counter()
                 for _ in range(3):
@@ -408,11 +423,13 @@ def bench_mfu() -> None:
                 out[f"warmup_s_{key}"] = warm_s
                 out[f"params_counted_{shape}"] = n_lin
                 out[f"peak_mem_gb_{key}"] = torch.cuda.max_memory_allocated() / 2**30
+                if compiled == "graphs":
+                    out[f"graphs_failed_{key}"] = graphed.failed  # None: every step replayed from a graph
                 print(key, f"{tok_s:,.0f} tokens/s", f"MFU {out[f'mfu_{key}']:.3f}", flush=True)
             except Exception as e:  # noqa: BLE001
                 out[f"error_{key}"] = f"{type(e).__name__}: {str(e)[:300]}"
                 print(key, out[f"error_{key}"], flush=True)
-            model = opt = None
+            model = opt = graphed = None
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             torch._dynamo.reset()
