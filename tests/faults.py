@@ -19,3 +19,23 @@ def generation_trials_run_out_of_gpu_memory() -> None:
         return fit(self, *args, **kwargs)
 
     Trainer.fit = fit_or_run_out
+
+
+def head_graphs_fail_and_generation_runs_out_of_gpu_memory() -> None:
+    """As :func:`generation_trials_run_out_of_gpu_memory`, and every CUDA-graph capture fails (with
+    ``training.cuda_graphs: true``, the CPU runs the padded steps; here they try to capture, as on a
+    GPU, and fail as a step that waits on the host would)."""
+    import trainables.step_graphs as SG
+
+    generation_trials_run_out_of_gpu_memory()
+    init = SG.StepGraphs.__init__
+
+    def init_capturing(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.capture = True
+
+    def fail(fn, pool):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing (injected by tests/faults.py)")
+
+    SG.StepGraphs.__init__ = init_capturing
+    SG.capture_graph = fail

@@ -337,11 +337,13 @@ def test_failing_trial_is_errored_with_reason_and_the_study_goes_on(tmp_path, ya
 def test_trials_out_of_gpu_memory_end_errored_unretried_and_counted(tmp_path, yaml_file, ray_cluster, mlflow_server):
     """A trial whose step raises CUDA's out-of-memory error (injected into every worker through Ray's
     worker setup hook: generation trials) ends errored with the reason 'out of GPU memory ...'; Ray's
-    retry of it ends at once; the head trials go on and complete; the summary counts the failures."""
+    retry of it ends at once; the head trials go on and complete; the summary counts the failures.
+    The head trials' CUDA-graph captures fail too (injected): they complete with eager steps, their
+    runs say why, and the summary counts them."""
     cfg = tiny_study(learnable_csv(tmp_path / "d.csv"), num_trials=3, max_failures=1,
-                     **{"scheduler.type": "none", "scheduler.max_epochs": 1})
+                     **{"scheduler.type": "none", "scheduler.max_epochs": 1, "training.cuda_graphs": True})
     cfg["search"] = {"approach": {"choice": ["head", "generation"]}}  # the first two trials: one of each
-    env = {"QLORA_TUNE_WORKER_SETUP_HOOK": "tests.faults.generation_trials_run_out_of_gpu_memory",
+    env = {"QLORA_TUNE_WORKER_SETUP_HOOK": "tests.faults.head_graphs_fail_and_generation_runs_out_of_gpu_memory",
            "PYTHONPATH": str(ROOT)}
     p = run_cli("run", yaml_file(cfg), "--name", "oom", "--address", ray_cluster, env=env, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -358,8 +360,10 @@ def test_trials_out_of_gpu_memory_end_errored_unretried_and_counted(tmp_path, ya
         assert reason.startswith("out of GPU memory with training.batch_size 8"), reason
         assert reason.endswith("(in an earlier attempt; not retried)"), reason  # the retry did not train
     assert all(r.data.tags[R.STATE_TAG] == "completed" for r in by_approach["head"])
+    assert all("injected by tests/faults.py" in r.data.tags[R.GRAPHS_FAILED_TAG] for r in by_approach["head"])
     n = len(by_approach["generation"])
     assert f"{n} ran out of GPU memory" in p.stdout, p.stdout[-2000:]
+    assert f"{len(by_approach['head'])} trial(s) trained with eager steps after a failed capture" in p.stdout, p.stdout[-2000:]
 
 
 def test_a_trial_cut_by_the_time_budget_keeps_its_best_epoch(tmp_path, yaml_file, ray_cluster, mlflow_server):

@@ -26,6 +26,9 @@ STATE_TAG = "qlora_tune.state"
 REASON_TAG = "qlora_tune.reason"
 OOM_TAG = "qlora_tune.out_of_memory"
 """Set on a trial's run when it ran out of GPU memory: Ray's retries of the trial end at once."""
+GRAPHS_FAILED_TAG = "qlora_tune.cuda_graphs_failed"
+"""Set on a trial's run when its training steps were to replay from CUDA graphs but a capture failed
+(the reason): the trial went on with eager steps, several times slower on a small model."""
 KIND_TAG = "qlora_tune.kind"  # study | trial | promotion
 NODE_TAG = "qlora_tune.node_id"  # the Ray node the trial (last) ran on
 PID_TAG = "qlora_tune.pid"  # the worker process the trial (last) ran in
@@ -277,6 +280,13 @@ class TrialRun:
         for h in history:
             if h["epoch"] not in logged:
                 self.log_metrics(h, step=h["epoch"])
+
+    def graphs_failed(self, reason: str) -> None:
+        """Remember on the run why its CUDA graphs failed (see :data:`GRAPHS_FAILED_TAG`; never raises)."""
+        try:
+            self.c.set_tag(self.run_id, GRAPHS_FAILED_TAG, reason[:500])
+        except Exception as e:  # noqa: BLE001 - a note must not fail a trial
+            print(f"qlora-tune: could not tag the run ({type(e).__name__})")
 
     def ran_out_of_memory(self, reason: str) -> None:
         """Remember on the run that this trial ran out of GPU memory (see :data:`OOM_TAG`)."""

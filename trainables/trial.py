@@ -118,6 +118,8 @@ def _train(params: dict[str, Any], ctx: TrialContext, trial_id: str, trial_name:
             run.log_metrics({"setup_seconds": trainer.setup_seconds,
                              **{f"setup_{k}_seconds": v for k, v in trainer.setup_parts.items()}}, step=trainer.epoch)
 
+        noted: list[str] = []  # a failed CUDA-graph capture, told once
+
         def on_epoch(rep, tr) -> None:
             m = dict(rep.metrics)
             m["train_seconds_total"] = sum(h["train_seconds"] for h in tr.history)
@@ -129,6 +131,11 @@ def _train(params: dict[str, Any], ctx: TrialContext, trial_id: str, trial_name:
                 report(m, None)
                 return
             run.log_metrics(m, step=rep.epoch)  # before reporting: Ray may stop the trial there
+            if tr.step_graphs is not None and tr.step_graphs.failed and not noted:
+                noted.append(tr.step_graphs.failed)
+                print(f"qlora-tune: trial {trial_name}: a training step could not be captured in a CUDA graph "
+                      f"({tr.step_graphs.failed}); it trains on with eager steps")
+                run.graphs_failed(tr.step_graphs.failed)
             with tempfile.TemporaryDirectory(prefix="qlt-ckpt-") as d:
                 tr.save_checkpoint(Path(d) / L.CHECKPOINT_STATE)
                 if rep.epoch == ctx.max_epochs:

@@ -73,6 +73,7 @@ def study_rows(rec) -> pd.DataFrame:
             "wall_seconds": ((run.info.end_time or time.time() * 1000) - run.info.start_time) / 1000,
             **{k: run.data.metrics.get(k, 0.0) for k in TIME_PARTS},
             "reason": run.data.tags.get(R.REASON_TAG, ""),
+            "cuda_graphs_failed": run.data.tags.get(R.GRAPHS_FAILED_TAG, ""),
         }
         row.update(P.from_mlflow(run.data.params))
         row["_history"] = [(s, by_step[s]) for s in sorted(by_step)]
@@ -137,7 +138,9 @@ def compute_summary(rec, df: pd.DataFrame) -> dict:
         sizes = list(storage.bytes_by_trial(rec.experiment_path).values())
     except OSError:  # storage out of reach (a bucket without credentials here)
         sizes = []
+    failed = df["cuda_graphs_failed"].fillna("") if len(df) else pd.Series(dtype=str)
     return {"trials": len(df), "states": counts, "out_of_gpu_memory": oom, "time_in_trials": time_in_trials(df),
+            "cuda_graphs_failed": {"trials": int((failed != "").sum()), "first_reason": next((r for r in failed if r), "")},
             "storage_bytes": sum(sizes), "storage_bytes_per_trial_max": max(sizes, default=0),
             "epochs_run": epochs, "epochs_without_early_stopping": budget,
             "compute_saved": 1 - epochs / budget if budget else 0.0,
@@ -156,7 +159,8 @@ def write_study_report(rec, df: pd.DataFrame, summary: dict, seconds: float, fol
     (folder / "summary.json").write_text(json.dumps({**summary, "seconds": seconds}, indent=2))
     metrics = {"epochs_run": summary["epochs_run"], "compute_saved": summary["compute_saved"],
                "gpu_hours": summary["gpu_hours"], "wall_seconds": seconds,
-               "storage_bytes": summary["storage_bytes"], "out_of_gpu_memory_trials": summary["out_of_gpu_memory"]}
+               "storage_bytes": summary["storage_bytes"], "out_of_gpu_memory_trials": summary["out_of_gpu_memory"],
+               "cuda_graphs_failed_trials": summary["cuda_graphs_failed"]["trials"]}
     shares = (summary.get("time_in_trials") or {}).get("shares", {})
     metrics.update({f"trial_time_share_{name}": v for name, v in shares.items()})
     if best is not None:
@@ -201,6 +205,11 @@ def print_status(rec, df: pd.DataFrame | None = None, summary: dict | None = Non
                   f"GPU-hours {summary['gpu_hours']:.3f}; states {summary['states']}"
                   + (f"; {summary['out_of_gpu_memory']} ran {OOM_REASON}" if summary["out_of_gpu_memory"] else ""),
                   soft_wrap=True)
+    eager = summary.get("cuda_graphs_failed") or {}
+    if eager.get("trials"):
+        console.print(f"[yellow]cuda graphs[/]: {eager['trials']} trial(s) trained with eager steps after a "
+                      f"failed capture ({eager['first_reason']}); set training.cuda_graphs: false to skip trying",
+                      soft_wrap=True)
     spent = summary.get("time_in_trials") or {}
     if spent:
         console.print(f"[bold]time in trials[/]: {spent['seconds']:,.0f} s: "
