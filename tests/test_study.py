@@ -601,18 +601,22 @@ def test_no_trial_starts_that_the_budget_would_cut_before_its_first_epoch(tmp_pa
 
 
 def test_a_study_without_scheduler_gets_epochs_for_its_data(tmp_path):
-    """No ``scheduler:``: about 32,000 examples for the longest trials, 2 to 8 epochs; a study that
-    sets its scheduler keeps it."""
+    """No ``scheduler:``: about 32,000 examples for the longest trials, 2 to 8 epochs, or 4 epochs of
+    8,000 examples beyond 16,000 rows; a study that sets its scheduler keeps it."""
     from tuner.defaults import adapt
     from tuner.study_config import StudyConfig
 
     base = tiny_study(learnable_csv(tmp_path / "d.csv"))
     base.pop("scheduler")
     study = StudyConfig.model_validate(base)
-    assert [adapt(study, rows).scheduler.max_epochs for rows in (2_000, 9_543, 100_000)] == [8, 4, 2]
+    assert [adapt(study, rows).scheduler.max_epochs for rows in (2_000, 9_543, 16_000, 100_000)] == [8, 4, 2, 4]
     assert adapt(study, 9_543).scheduler.grace_period == 1
+    # beyond 16,000 rows, epochs of 8,000 examples: the first rung comes as soon, however large the data
+    assert [adapt(study, rows).training.epoch_examples for rows in (16_000, 16_001, 100_000)] == [None, 8_000, 8_000]
+    own = StudyConfig.model_validate({**base, "training": {**base["training"], "epoch_examples": 50_000}})
+    assert adapt(own, 100_000).training.epoch_examples == 50_000
     set_by_user = StudyConfig.model_validate({**base, "scheduler": {"max_epochs": 3}})
-    assert adapt(set_by_user, 2_000).scheduler.max_epochs == 3
+    assert adapt(set_by_user, 2_000).scheduler.max_epochs == 3 and adapt(set_by_user, 100_000).training.epoch_examples is None
 
 
 def test_the_default_space_follows_the_model_size(tmp_path):

@@ -186,3 +186,34 @@ def test_reused_worker_trains_exactly_like_a_fresh_one(tiny_csv, approach):
         assert state.keys() == fresh.trainable_state().keys()
         for k, v in fresh.trainable_state().items():
             assert torch.equal(v, state[k]), k
+
+
+def test_epochs_of_at_most_epoch_examples_walk_through_shuffled_passes():
+    """training.epoch_examples: each epoch takes the next examples of a stream of shuffled passes, so
+    consecutive epochs cover every example once per pass, and epoch k's examples depend on k alone."""
+    from trainables.loop import epoch_examples
+
+    assert epoch_examples(10, None, 0, 3) is None and epoch_examples(10, 10, 0, 3) is None
+    first_pass = [j for e in range(5) for j in epoch_examples(10, 2, 7, e)]
+    assert sorted(first_pass) == list(range(10)) and first_pass != list(range(10))
+    straddling = epoch_examples(10, 4, 7, 2)  # examples 8-11 of the stream: the end of pass 0, the start of pass 1
+    assert len(straddling) == 4 and len(set(straddling)) == 4
+    assert epoch_examples(10, 4, 7, 2) == straddling and epoch_examples(10, 4, 8, 2) != straddling
+    second_pass = [j for e in range(5, 10) for j in epoch_examples(10, 2, 7, e)]
+    assert sorted(second_pass) == list(range(10)) and second_pass != first_pass
+
+
+def test_a_trainer_with_epoch_examples_trains_that_many_per_epoch(tiny_csv):
+    full = _trainer(tiny_csv, quantization="none")
+    n = len(full.train_examples)
+    tr = _trainer(tiny_csv, quantization="none", **{"training.epoch_examples": n // 2, "training.batch_size": 4})
+    seen = []
+    collate = tr.approach.collate
+    tr.approach.collate = lambda batch, train: (seen.extend(id(e) for e in batch), collate(batch, train))[1]
+    metrics = []
+    for epoch in range(2):
+        tr.epoch = epoch  # as fit() counts them
+        metrics.append(tr.train_epoch())
+    assert tr.examples_per_epoch == n // 2 and tr.batches_per_epoch == -(-(n // 2) // 4)
+    assert len(seen) == 2 * (n // 2) and len(set(seen)) == 2 * (n // 2)  # two halves of one pass
+    assert all(m["train_samples_per_second"] > 0 and m["train_loss"] > 0 for m in metrics)

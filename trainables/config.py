@@ -38,6 +38,11 @@ class TrainingSettings(Strict):
     max_length: int = Field(128, ge=8, le=32768)
     optimizer: Literal["adamw", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw"
     gradient_checkpointing: bool = False
+    epoch_examples: int | None = Field(None, ge=1)
+    """At most this many training examples per epoch: each epoch takes the next ones from the training
+    set in a shuffled order (a new order at each full pass), so on a large data set an epoch, the unit
+    that evaluation, checkpoints and ASHA's rungs count in, stays short. None: every example, every
+    epoch."""
     pad_to_multiple_of: int = Field(8, ge=1, le=1024)
     """Batches are padded to their longest sequence rounded up to this: fewer distinct shapes."""
     compile: bool = False

@@ -97,6 +97,22 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> li
     return batches
 
 
+def epoch_examples(n: int, per_epoch: int | None, seed: int, epoch: int) -> list[int] | None:
+    """The training examples of epoch ``epoch`` (from 0) when epochs hold at most ``per_epoch`` of the
+    ``n``: consecutive slices of a stream of shuffled passes over all ``n`` (pass ``p`` shuffled by
+    ``seed`` and ``p``), so every example comes once per pass and resuming at an epoch needs nothing
+    but its number. None: every example (``per_epoch`` None or at least ``n``)."""
+    if per_epoch is None or per_epoch >= n:
+        return None
+    out, start = [], epoch * per_epoch
+    while len(out) < per_epoch:
+        p, at = divmod(start + len(out), n)
+        order = list(range(n))
+        random.Random(f"{seed}/pass/{p}").shuffle(order)
+        out += order[at: at + per_epoch - len(out)]
+    return out
+
+
 def graphs_wanted(cfg: RunConfig, dev: torch.device, world: int) -> bool:
     """Whether training steps replay from CUDA graphs (``training.cuda_graphs``)."""
     t = cfg.training
@@ -166,7 +182,8 @@ class Trainer:
         D.broadcast_(self.trainable)
         weights = self.approach.class_weights(data.train.labels)
         self.class_weights = weights.to(self.dev) if weights is not None else None
-        self.batches_per_epoch = math.ceil(len(self.train_examples) / t.batch_size)
+        self.examples_per_epoch = min(len(self.train_examples), t.epoch_examples or len(self.train_examples))
+        self.batches_per_epoch = math.ceil(self.examples_per_epoch / t.batch_size)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / t.grad_accum)
         self.graphs = graphs_wanted(cfg, self.dev, self.world)
         self.optimizer = _make_optimizer(cfg, self.trainable, self.dev, self.graphs)
@@ -232,8 +249,13 @@ class Trainer:
         t = self.cfg.training
         self.train_mode()
         torch.manual_seed(t.seed + self.epoch)
-        lengths = [len(e.input_ids) for e in self.train_examples]
-        batches = length_grouped_batches(lengths, t.batch_size, t.seed + self.epoch)
+        chosen = epoch_examples(len(self.train_examples), t.epoch_examples, t.seed, self.epoch)
+        if chosen is None:
+            lengths = [len(e.input_ids) for e in self.train_examples]
+            batches = length_grouped_batches(lengths, t.batch_size, t.seed + self.epoch)
+        else:
+            lengths = [len(self.train_examples[j].input_ids) for j in chosen]
+            batches = [[chosen[k] for k in b] for b in length_grouped_batches(lengths, t.batch_size, t.seed + self.epoch)]
         total_loss, tokens, t0 = 0.0, 0, time.perf_counter()
         if self.graphs:
             steps = self._graphed_steps()
@@ -279,11 +301,11 @@ class Trainer:
     def _epoch_metrics(self, total_loss, tokens: int, t0: float) -> dict[str, float]:
         total_loss, tokens = D.sum_floats(float(total_loss), tokens, dev=self.dev)
         secs = time.perf_counter() - t0
-        loss = total_loss / len(self.train_examples)
+        loss = total_loss / self.examples_per_epoch
         if not math.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss} in epoch {self.epoch + 1}; lower training.learning_rate")
         return {"train_loss": loss, "train_seconds": secs,
-                "train_samples_per_second": len(self.train_examples) / secs,
+                "train_samples_per_second": self.examples_per_epoch / secs,
                 "train_tokens_per_second": tokens / secs, "workers": self.world,
                 "learning_rate": float(self.scheduler.get_last_lr()[0])}
 

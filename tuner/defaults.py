@@ -9,7 +9,10 @@ once, before Ray starts, and recorded with the study (its config in MLflow shows
   are the first trials' settings.
 * ``scheduler`` left out: the longest trials see about :data:`TARGET_EXAMPLES` training examples, so
   ``max_epochs`` follows the training rows, between 2 and 8 epochs; ASHA's rungs (1, 2, 4, ... epochs)
-  follow from it. Few rows get more epochs, many rows fewer.
+  follow from it. Few rows get more epochs, many rows fewer. Beyond ``TARGET_EXAMPLES / 2`` rows an
+  epoch would outgrow the target: epochs then hold :data:`LARGE_EPOCH` examples
+  (``training.epoch_examples``, unless the file sets it), 4 of them, so the first rung and its
+  evaluation come after a quarter of the target, however large the data.
 * ``num_trials`` left out: 8, or, with ``time_budget_s``, as many as the budget allows (the budget
   ends the study, not a trial count picked without knowing how fast trials run).
 * The first trial of each approach runs the study's own settings (:func:`tuner.searcher.first_points`).
@@ -29,6 +32,9 @@ TARGET_EXAMPLES = 32_000
 within about a thousand steps at batch 32; with the learning rate following the batch, examples, not
 steps, measure the work)."""
 EPOCH_BOUNDS = (2, 8)
+LARGE_EPOCH = TARGET_EXAMPLES // 4
+"""Examples per epoch (``training.epoch_examples``) where the training rows exceed
+``TARGET_EXAMPLES / EPOCH_BOUNDS[0]``."""
 BUDGETED_TRIALS = 10_000
 """``num_trials`` of a study with a time budget and no trial count: more than any budget runs."""
 REFERENCE_BATCH = 32
@@ -102,6 +108,12 @@ def adapt(study: StudyConfig, train_rows: int) -> StudyConfig:
     if "scheduler" in study.model_fields_set:
         return study
     epochs = adaptive_max_epochs(train_rows)
-    console.print(f"scheduler (default, from the data): max_epochs {epochs} for {train_rows:,} training rows "
-                  f"(about {TARGET_EXAMPLES:,} examples for the longest trials), ASHA from epoch 1", soft_wrap=True)
-    return study.model_copy(update={"scheduler": SchedulerSettings(max_epochs=epochs)})
+    training = study.training
+    large = train_rows * EPOCH_BOUNDS[0] > TARGET_EXAMPLES and "epoch_examples" not in training.model_fields_set
+    if large:
+        epochs = TARGET_EXAMPLES // LARGE_EPOCH
+        training = training.model_copy(update={"epoch_examples": LARGE_EPOCH})
+    console.print(f"scheduler (default, from the data): max_epochs {epochs} for {train_rows:,} training rows"
+                  + (f", epochs of {LARGE_EPOCH:,} examples (training.epoch_examples)" if large else "")
+                  + f" (about {TARGET_EXAMPLES:,} examples for the longest trials), ASHA from epoch 1", soft_wrap=True)
+    return study.model_copy(update={"scheduler": SchedulerSettings(max_epochs=epochs), "training": training})
