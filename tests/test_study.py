@@ -613,6 +613,7 @@ def test_a_study_without_scheduler_gets_epochs_for_its_data(tmp_path):
     assert adapt(study, 9_543).scheduler.grace_period == 1
     # beyond 16,000 rows, epochs of 8,000 examples: the first rung comes as soon, however large the data
     assert [adapt(study, rows).training.epoch_examples for rows in (16_000, 16_001, 100_000)] == [None, 8_000, 8_000]
+    assert adapt(study, 100_000).run_config({}).training.epoch_examples == 8_000  # what the trials get
     own = StudyConfig.model_validate({**base, "training": {**base["training"], "epoch_examples": 50_000}})
     assert adapt(own, 100_000).training.epoch_examples == 50_000
     set_by_user = StudyConfig.model_validate({**base, "scheduler": {"max_epochs": 3}})
