@@ -53,11 +53,12 @@ def test_study_over_both_approaches_with_asha(finished_study):
     assert parent.data.metrics["storage_bytes"] > 0 and "stopped trials keep none" in s.stdout, s.stdout
     # where the trials' time went: every part measured, together no more than the runs lasted
     m = parent.data.metrics
-    shares = [m[f"trial_time_share_{k}"] for k in ("training", "evaluation", "setup", "other")]
-    assert all(v > 0 for v in shares[:3]) and sum(shares) == pytest.approx(1.0), m
+    shares = [m[f"trial_time_share_{k}"] for k in ("training", "evaluation", "setup", "checkpoints", "final_report", "other")]
+    assert all(v > 0 for v in shares[:5]) and sum(shares) == pytest.approx(1.0), m
     for r in runs:
         m = r.data.metrics
         assert 0 < m["train_seconds_total"] < (r.info.end_time - r.info.start_time) / 1000
+        assert (m.get("final_report_seconds", 0) > 0) == (r.data.tags[R.STATE_TAG] == "completed"), m
         parts = [m[f"setup_{k}_seconds"] for k in ("data", "base", "adapters", "optimizer")]  # what set-up spent
         assert sum(parts) == pytest.approx(m["setup_seconds"]) and min(parts) >= 0, m
     assert "time in trials" in s.stdout and "training" in s.stdout.split("time in trials")[1], s.stdout

@@ -119,11 +119,13 @@ def _train(params: dict[str, Any], ctx: TrialContext, trial_id: str, trial_name:
                              **{f"setup_{k}_seconds": v for k, v in trainer.setup_parts.items()}}, step=trainer.epoch)
 
         noted: list[str] = []  # a failed CUDA-graph capture, told once
+        checkpoints = [0.0]  # seconds spent writing and reporting this attempt's epoch checkpoints so far
 
         def on_epoch(rep, tr) -> None:
             m = dict(rep.metrics)
             m["train_seconds_total"] = sum(h["train_seconds"] for h in tr.history)
             m["eval_seconds_total"] = sum(h.get("eval_seconds", 0.0) for h in tr.history)
+            m["checkpoint_seconds_total"] = checkpoints[0]  # up to the previous epoch's: this one's follows the log
             m["gpu_seconds"] = ctx.gpu_per_trial * (m["train_seconds_total"] + m["eval_seconds_total"])
             if not main:
                 if rep.epoch == ctx.max_epochs:
@@ -136,15 +138,19 @@ def _train(params: dict[str, Any], ctx: TrialContext, trial_id: str, trial_name:
                 print(f"qlora-tune: trial {trial_name}: a training step could not be captured in a CUDA graph "
                       f"({tr.step_graphs.failed}); it trains on with eager steps")
                 run.graphs_failed(tr.step_graphs.failed)
+            t0 = time.perf_counter()
             with tempfile.TemporaryDirectory(prefix="qlt-ckpt-") as d:
                 tr.save_checkpoint(Path(d) / L.CHECKPOINT_STATE)
                 if rep.epoch == ctx.max_epochs:
                     # last epoch: full reports of the selected adapter, logged by the trial itself
+                    t1 = time.perf_counter()
                     write_artifacts(Path(d) / L.CHECKPOINT_MODEL, tr, tr.finish())
+                    run.log_metrics({"final_report_seconds": time.perf_counter() - t1}, step=rep.epoch)
                     run.complete(Path(d) / L.CHECKPOINT_MODEL, time.time() - started)
                 else:
                     tr.write_best_model(Path(d) / L.CHECKPOINT_MODEL)
                 report(m, Path(d))
+            checkpoints[0] += time.perf_counter() - t0
 
         trainer.fit(on_epoch)
     except torch.cuda.OutOfMemoryError as e:

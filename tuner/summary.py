@@ -19,9 +19,12 @@ from tuner import importance, storage
 from tuner.console import console
 
 SHOWN = ("training.learning_rate", "lora.r", "training.batch_size")
-TIME_PARTS = {"train_seconds_total": "training", "eval_seconds_total": "evaluation", "setup_seconds": "setup"}
-"""Where a trial's time goes, as its run logs it; the rest is checkpoints, reports, logging and work
-cut short (by ASHA or the budget) before it was reported."""
+TIME_PARTS = {"train_seconds_total": "training", "eval_seconds_total": "evaluation", "setup_seconds": "setup",
+              "checkpoint_seconds_total": "checkpoints", "final_report_seconds": "final_report"}
+"""Where a trial's time goes, as its run logs it (checkpoints: writing and reporting each epoch's, up
+to the last one logged; final report: the selected adapter evaluated on every split and written);
+the rest is logging, Ray's bookkeeping, the last checkpoint and work cut short (by ASHA or the
+budget) before it was reported."""
 
 
 def _fmt(v) -> str:
@@ -214,7 +217,7 @@ def print_status(rec, df: pd.DataFrame | None = None, summary: dict | None = Non
     if spent:
         console.print(f"[bold]time in trials[/]: {spent['seconds']:,.0f} s: "
                       + ", ".join(f"{name} {v:.0%}" for name, v in spent["shares"].items())
-                      + " (other: checkpoints, reports, logging, epochs cut short)", soft_wrap=True)
+                      + " (other: logging, Ray, the last checkpoint, epochs cut short)", soft_wrap=True)
     if summary["storage_bytes"]:
         console.print(f"[bold]storage[/]: {summary['storage_bytes'] / 1e6:.1f} MB of checkpoints and state in "
                       f"{rec.experiment_path} (at most {summary['storage_bytes_per_trial_max'] / 1e6:.1f} MB per "
