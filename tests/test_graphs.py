@@ -97,9 +97,15 @@ def test_padding_rows_and_columns_keeps_the_training_loss(tmp_path, approach):
     if approach == "generation":  # label positions padded to rows x the longest label
         lengths = sorted(map(len, tr.approach.label_ids))
         assert lengths[0] < lengths[-1] and len(batch["target_pos"]) < len(padded["target_pos"]) == 8 * lengths[-1]
+    weights = torch.tensor([1.0, 3.0])  # class weights: filler rows must not count in the weighted mean either
+    for w in (None, weights if approach == "head" else None):
+        with torch.no_grad():
+            a, b = (tr.approach.loss(tr.model, x, w).item() for x in (batch, padded))
+        assert a == pytest.approx(b, rel=1e-5) and a > 0
+    # as a graph runs it: no padding mask (causal attention alone keeps real tokens from the padding)
     with torch.no_grad():
-        a, b = (tr.approach.loss(tr.model, x, None).item() for x in (batch, padded))
-    assert a == pytest.approx(b, rel=1e-5) and a > 0
+        c = tr.approach.loss(tr.model, {**padded, "attention_mask": None}, None).item()
+    assert c == pytest.approx(tr.approach.loss(tr.model, batch, None).item(), rel=1e-4)
 
 
 def test_graphed_training_resumes_with_the_state_its_graphs_read(tmp_path):
