@@ -95,7 +95,7 @@ def ours(approach: str, quant: str, rows: int = 2000, epochs: int = 2, batch: in
     cfg = run_config(approach, quant, rows, epochs, batch, lr, r, eval_file, **training)
     t0 = time.perf_counter()
     tr = Trainer(cfg, load_dataset(cfg.data), log=print, reuse=reuse)
-    n = len(tr.train_examples)
+    n = tr.examples_per_epoch
     per_epoch = math.ceil(n / batch)
     sizes = ([batch] * (per_epoch - 1) + [n - batch * (per_epoch - 1)]) * epochs
     count, marks = [0], {}
@@ -658,29 +658,24 @@ def bench_graphs(rows: str = "2000", epochs: str = "2", batch: str = "32", bases
     out = {"rows": int(rows), "epochs": int(epochs), "batch": int(batch), "model": model_ref()}
     for base, approach, graphs in [(b, a, g) for b in bases.split(",") for a in ("head", "generation")
                                    for g in (False, True)]:
-        name = f"{approach}_{'graphs' if graphs else 'plain'}" + ("" if base == "dequantized" else f"_{base}")
+        tail = "" if base == "dequantized" else f"_{base}"
+        name = f"{approach}_{'graphs' if graphs else 'plain'}{tail}"
         try:
-            from trainables.data import load_dataset
-            from trainables.loop import Trainer
-
-            cfg = run_config(approach, "nf4", int(rows), int(epochs), int(batch), 1e-3, 32,
-                             dequantize_base=base == "dequantized", cuda_graphs=graphs)
             torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            tr = Trainer(cfg, load_dataset(cfg.data), log=print)
-            res = tr.fit()
-            h = res.history
-            out[name] = {"setup_s": round(tr.setup_seconds, 2), "total_s": round(time.perf_counter() - t0, 2),
+            r = ours(approach, "nf4", int(rows), int(epochs), int(batch), 1e-3, 32,
+                     dequantize_base=base == "dequantized", cuda_graphs=graphs)
+            tr, h = r["trainer"], r["trainer"].history
+            out[name] = {"setup_s": round(r["setup_s"], 2), "total_s": round(r["total_s"], 2),
                          "epoch_train_s": [round(e["train_seconds"], 2) for e in h],
                          "train_loss": [round(e["train_loss"], 4) for e in h],
                          "eval_loss": [round(e.get("eval_loss", float("nan")), 4) for e in h],
                          "eval_accuracy": [round(e.get("eval_accuracy", float("nan")), 4) for e in h],
                          "steady_samples_per_s": round(h[-1]["train_samples_per_second"], 1),
-                         "train_rows": len(tr.train_examples),
+                         "train_rows": r["train_rows"],
                          "graphs": tr.step_graphs.captured if tr.step_graphs else 0,
                          "capture_failed": tr.step_graphs.failed if tr.step_graphs else None,
                          "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
-            del tr
+            del tr, r
             torch.cuda.empty_cache()
         except Exception as e:  # noqa: BLE001 - report and go on
             import traceback
@@ -689,7 +684,6 @@ def bench_graphs(rows: str = "2000", epochs: str = "2", batch: str = "32", bases
             out[name] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
         print(name, out[name], flush=True)
         if graphs:
-            tail = "" if base == "dequantized" else f"_{base}"
             p, g = out.get(f"{approach}_plain{tail}", {}), out.get(name, {})
             if "steady_samples_per_s" in p and "steady_samples_per_s" in g:
                 out[f"{approach}_graphs_speedup{tail}"] = round(g["steady_samples_per_s"] / p["steady_samples_per_s"], 2)

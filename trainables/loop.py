@@ -97,13 +97,13 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> li
     return batches
 
 
-def epoch_examples(n: int, per_epoch: int | None, seed: int, epoch: int) -> list[int] | None:
+def epoch_examples(n: int, per_epoch: int | None, seed: int, epoch: int) -> list[int]:
     """The training examples of epoch ``epoch`` (from 0) when epochs hold at most ``per_epoch`` of the
     ``n``: consecutive slices of a stream of shuffled passes over all ``n`` (pass ``p`` shuffled by
     ``seed`` and ``p``), so every example comes once per pass and resuming at an epoch needs nothing
-    but its number. None: every example (``per_epoch`` None or at least ``n``)."""
+    but its number. Every example, in order, where ``per_epoch`` is None or at least ``n``."""
     if per_epoch is None or per_epoch >= n:
-        return None
+        return list(range(n))
     out, start = [], epoch * per_epoch
     while len(out) < per_epoch:
         p, at = divmod(start + len(out), n)
@@ -250,12 +250,8 @@ class Trainer:
         self.train_mode()
         torch.manual_seed(t.seed + self.epoch)
         chosen = epoch_examples(len(self.train_examples), t.epoch_examples, t.seed, self.epoch)
-        if chosen is None:
-            lengths = [len(e.input_ids) for e in self.train_examples]
-            batches = length_grouped_batches(lengths, t.batch_size, t.seed + self.epoch)
-        else:
-            lengths = [len(self.train_examples[j].input_ids) for j in chosen]
-            batches = [[chosen[k] for k in b] for b in length_grouped_batches(lengths, t.batch_size, t.seed + self.epoch)]
+        lengths = [len(self.train_examples[j].input_ids) for j in chosen]
+        batches = [[chosen[k] for k in b] for b in length_grouped_batches(lengths, t.batch_size, t.seed + self.epoch)]
         total_loss, tokens, t0 = 0.0, 0, time.perf_counter()
         if self.graphs:
             steps = self._graphed_steps()
