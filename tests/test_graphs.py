@@ -74,10 +74,13 @@ def test_graphed_training_steps_train_as_the_plain_loop(tmp_path, approach):
             "training.max_grad_norm": 0.5, "data.split": {"eval": 0.2, "test": 0.0, "seed": 0}}))
         tr = Trainer(cfg, load_dataset(cfg.data), log=lambda *_: None)
         assert tr.graphs is graphs and len(tr.train_examples) % 6  # a shorter last batch
-        history = [tr.train_epoch()["train_loss"] for _ in range(2)]
-        runs[graphs] = (history, tr.trainable_state(), tr)
+        metrics = [tr.train_epoch() for _ in range(2)]
+        runs[graphs] = ([m["train_loss"] for m in metrics], tr.trainable_state(), tr)
     (plain, w0, _), (graphed, w1, tr) = runs[False], runs[True]
     assert len(tr.step_graphs.graphs) >= 2, tr.step_graphs.graphs.keys()  # warm-ups before a 2nd bucket too
+    # the warm-ups' time is counted, within the epoch's: all of it in the epoch that built the buckets
+    assert 0 < metrics[0]["graphs_seconds"] < metrics[0]["train_seconds"], metrics[0]
+    assert metrics[0]["graphs_seconds"] == pytest.approx(tr.step_graphs.build_seconds)
     assert all(bucket_length(k) == k for k in tr.step_graphs.graphs)
     assert plain[1] < plain[0] and graphed == pytest.approx(plain, rel=1e-4), (plain, graphed)
     assert max((w0[k] - w1[k]).abs().max().item() for k in w0) < 1e-4

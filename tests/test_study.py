@@ -53,8 +53,10 @@ def test_study_over_both_approaches_with_asha(finished_study):
     assert parent.data.metrics["storage_bytes"] > 0 and "stopped trials keep none" in s.stdout, s.stdout
     # where the trials' time went: every part measured, together no more than the runs lasted
     m = parent.data.metrics
-    shares = [m[f"trial_time_share_{k}"] for k in ("training", "evaluation", "setup", "checkpoints", "final_report", "other")]
+    shares = [m[f"trial_time_share_{k}"] for k in ("training", "evaluation", "setup", "checkpoints", "final_report",
+                                                      "graph_capture", "other")]
     assert all(v > 0 for v in shares[:5]) and sum(shares) == pytest.approx(1.0), m
+    assert m["trial_time_share_graph_capture"] == 0, m  # steps are graphed on a GPU only (cuda_graphs: auto)
     for r in runs:
         m = r.data.metrics
         assert 0 < m["train_seconds_total"] < (r.info.end_time - r.info.start_time) / 1000
@@ -362,6 +364,7 @@ def test_trials_out_of_gpu_memory_end_errored_unretried_and_counted(tmp_path, ya
         assert reason.endswith("(in an earlier attempt; not retried)"), reason  # the retry did not train
     assert all(r.data.tags[R.STATE_TAG] == "completed" for r in by_approach["head"])
     assert all("injected by tests/faults.py" in r.data.tags[R.GRAPHS_FAILED_TAG] for r in by_approach["head"])
+    assert all(r.data.metrics["graphs_seconds_total"] > 0 for r in by_approach["head"])  # the warm-ups ran
     n = len(by_approach["generation"])
     assert f"{n} ran out of GPU memory" in p.stdout, p.stdout[-2000:]
     assert f"{len(by_approach['head'])} trial(s) trained with eager steps after a failed capture" in p.stdout, p.stdout[-2000:]

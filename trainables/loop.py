@@ -255,12 +255,14 @@ class Trainer:
         total_loss, tokens, t0 = 0.0, 0, time.perf_counter()
         if self.graphs:
             steps = self._graphed_steps()
+            built = steps.build_seconds
             for idx in batches:
                 batch = self.approach.collate([self.train_examples[j] for j in idx], train=True)
                 tokens += int(batch["attention_mask"].sum())
                 total_loss += steps(batch) * len(idx)
                 self.scheduler.step()
-            return {**self._epoch_metrics(total_loss, tokens, t0), "cuda_graphs": steps.captured}
+            return {**self._epoch_metrics(total_loss, tokens, t0), "cuda_graphs": steps.captured,
+                    "graphs_seconds": steps.build_seconds - built}  # warming up and capturing: part of train_seconds
         self.optimizer.zero_grad(set_to_none=True)
         for i, idx in enumerate(batches):
             mine = D.share(idx, self.rank, self.world)

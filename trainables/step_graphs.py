@@ -19,8 +19,8 @@ What a graph needs, and gets here:
 * gradients that never move: they are allocated once, zeroed in place inside the step, and kept;
 * an optimizer that runs on the device alone: fused AdamW with ``capturable=True`` and the learning
   rate as a device tensor, which the scheduler fills in place (:func:`make_optimizer`);
-* lazy initialisation outside the graph: each bucket's first steps run on a side stream before its
-  capture, and the weights and optimizer state are put back afterwards, so warming up trains nothing
+* lazy initialisation outside the graph: each bucket's first steps (two for the first bucket, one for
+  each later one: the process is initialised by then) run on a side stream before its capture, and the weights and optimizer state are put back afterwards, so warming up trains nothing
   (and the memory it cached goes back to the device: :func:`trainables.graphs.warm_up`).
 
 A step that a graph cannot hold (an operation that waits on the host, say) fails its capture; the
@@ -32,6 +32,7 @@ check it against the plain loop.
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Callable, ContextManager
 
 import torch
@@ -39,7 +40,9 @@ import torch
 from trainables.graphs import bucket_length, capture_graph, warm_up
 
 Batch = dict[str, torch.Tensor]
-WARMUP_STEPS = 2
+WARMUP_STEPS = (2, 1)
+"""Warm-up steps before the first bucket's capture (lazy initialisation: cuBLAS, autograd, the
+optimizer's state), and before each later one's (the new shape's own kernels and workspace)."""
 
 
 def make_optimizer(params: list[torch.Tensor], lr: float, weight_decay: float, dev: torch.device):
@@ -72,6 +75,8 @@ class StepGraphs:
         self.graphs: dict[int, tuple[Batch, torch.Tensor, object | None]] = {}
         self.failed: str | None = None
         """Why a capture failed (the steps then run eagerly, padded as before); None while none has."""
+        self.build_seconds = 0.0
+        """Seconds spent warming up and capturing (a trial's start-up cost of its graphs)."""
         with torch.no_grad():
             for p in params:  # gradients live here for good: graphs write them in place
                 p.grad = torch.zeros_like(p)
@@ -110,12 +115,13 @@ class StepGraphs:
         return loss.detach()
 
     def _build(self, key: int, like: Batch) -> None:
+        t0 = time.perf_counter()
         static = {k: v.to(self.dev).clone() for k, v in like.items()}
         graph, loss = None, torch.zeros((), device=self.dev)
         if self.failed is None:
             saved = self._snapshot()
             with self.context():
-                warm_up(lambda: self._step(static), self.dev, WARMUP_STEPS)
+                warm_up(lambda: self._step(static), self.dev, WARMUP_STEPS[bool(self.graphs)])
             self._restore(saved)
             if self.capture:
                 try:
@@ -128,6 +134,9 @@ class StepGraphs:
                     self.capture, graph, loss = False, None, torch.zeros((), device=self.dev)
                     self._restore(saved)
         self.graphs[key] = (static, loss, graph)
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+        self.build_seconds += time.perf_counter() - t0
 
     @property
     def captured(self) -> int:

@@ -125,6 +125,7 @@ def _train(params: dict[str, Any], ctx: TrialContext, trial_id: str, trial_name:
             m = dict(rep.metrics)
             m["train_seconds_total"] = sum(h["train_seconds"] for h in tr.history)
             m["eval_seconds_total"] = sum(h.get("eval_seconds", 0.0) for h in tr.history)
+            m["graphs_seconds_total"] = sum(h.get("graphs_seconds", 0.0) for h in tr.history)
             m["checkpoint_seconds_total"] = checkpoints[0]  # up to the previous epoch's: this one's follows the log
             m["gpu_seconds"] = ctx.gpu_per_trial * (m["train_seconds_total"] + m["eval_seconds_total"])
             if not main:

@@ -19,10 +19,13 @@ from tuner import importance, storage
 from tuner.console import console
 
 SHOWN = ("training.learning_rate", "lora.r", "training.batch_size")
-TIME_PARTS = {"train_seconds_total": "training", "eval_seconds_total": "evaluation", "setup_seconds": "setup",
+TIME_PARTS = {"train_seconds_total": "training", "graphs_seconds_total": "graph_capture",
+              "eval_seconds_total": "evaluation", "setup_seconds": "setup",
               "checkpoint_seconds_total": "checkpoints", "final_report_seconds": "final_report"}
-"""Where a trial's time goes, as its run logs it (checkpoints: writing and reporting each epoch's, up
-to the last one logged; final report: the selected adapter evaluated on every split and written);
+"""Where a trial's time goes, as its run logs it (graph capture: the CUDA graphs' warm-up steps and
+captures, which the run counts inside its training seconds and the shares take out of training;
+checkpoints: writing and reporting each epoch's, up to the last one logged; final report: the
+selected adapter evaluated on every split and written);
 the rest is logging, Ray's bookkeeping, the last checkpoint and work cut short (by ASHA or the
 budget) before it was reported."""
 
@@ -125,6 +128,7 @@ def time_in_trials(df: pd.DataFrame) -> dict:
     if total <= 0:
         return {}
     parts = {name: float(df[k].sum()) for k, name in TIME_PARTS.items()}
+    parts["training"] -= parts["graph_capture"]
     parts["other"] = max(0.0, total - sum(parts.values()))
     return {"seconds": total, "shares": {name: v / total for name, v in parts.items()}}
 
