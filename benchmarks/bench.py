@@ -123,6 +123,7 @@ def ours(approach: str, quant: str, rows: int = 2000, epochs: int = 2, batch: in
             "setup_s": tr.setup_seconds, "setup_parts": tr.setup_parts, "graphs_s": graphs_s,
             "cuda_graphs": res.history[-1].get("cuda_graphs", 0),
             "graphs_failed": tr.step_graphs.failed if tr.step_graphs is not None else None,
+            "graphs_parts": tr.step_graphs.build_parts if tr.step_graphs is not None else None,
             "epoch1_train_s": res.history[0]["train_seconds"],
             "epoch2_train_s": res.history[-1]["train_seconds"],
             "total_s": time.perf_counter() - t0, "trainer": tr}
@@ -159,15 +160,21 @@ def reference(rows: int = 2000, epochs: int = 2, warm: int = 10):
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=8, lora_dropout=0.1, task_type="SEQ_CLS",
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    steps = epochs * math.ceil(rows / 8)
     marks = {}
 
     class Clock(TrainerCallback):
+        def _mark(self, key):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            marks[key] = time.perf_counter()
+
         def on_step_end(self, args, state, control, **kw):
-            if state.global_step in (warm, steps):
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                marks[state.global_step] = time.perf_counter()
+            if state.global_step == warm:
+                self._mark("warm")
+
+        def on_train_end(self, args, state, control, **kw):
+            marks["steps"] = state.global_step
+            self._mark("end")
 
     args = TrainingArguments(output_dir="/tmp/ref", per_device_train_batch_size=8, per_device_eval_batch_size=64,
                              gradient_checkpointing=True, num_train_epochs=epochs, learning_rate=1e-4, report_to=[],
@@ -177,7 +184,7 @@ def reference(rows: int = 2000, epochs: int = 2, warm: int = 10):
     pred = trainer.predict(valid)
     accuracy = float((np.asarray(pred.predictions).argmax(-1) == np.asarray(pred.label_ids)).mean())
     return {"samples_per_s": rows * epochs / out.metrics["train_runtime"],
-            "steady_samples_per_s": (steps - warm) * 8 / (marks[steps] - marks[warm]),
+            "steady_samples_per_s": (marks["steps"] - warm) * 8 / (marks["end"] - marks["warm"]), "steps": marks["steps"],
             "eval_accuracy": accuracy, "train_s": out.metrics["train_runtime"], "epochs": epochs, "rows": rows}
 
 

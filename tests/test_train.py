@@ -48,6 +48,23 @@ def test_train_nf4_writes_output_and_predict_round_trips(tiny_csv, tmp_path, app
     np.testing.assert_allclose(got.probabilities.sum(1), 1.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("select", ["best", "last"])
+def test_the_final_report_takes_the_selected_epochs_eval_report(tiny_csv, select):
+    """finish() evaluates every split with the selected epoch's adapter; the eval split's report of
+    that epoch was made as the epoch ended, with the same weights: it is taken, not made again."""
+    tr = _trainer(tiny_csv, quantization="none", **{"training.epochs": 3, "training.learning_rate": 5e-3,
+                                                    "training.select": select})
+    evaluated = []
+    inner = tr.evaluate
+    tr.evaluate = lambda split: (evaluated.append(split), inner(split))[1]
+    res = tr.fit()
+    assert evaluated.count("eval") == 3 and evaluated.count("train") == 1, evaluated  # one per epoch; none in finish
+    assert res.best_epoch == (tr.best.epoch if select == "best" else 3)
+    again = inner("eval")[1]  # the restored adapter, evaluated now
+    assert res.final["eval"]["confusion_matrix"] == again["confusion_matrix"]
+    assert res.final["eval"]["loss"] == pytest.approx(again["loss"], rel=1e-5)
+
+
 def test_head_loss_goes_down_on_a_learnable_toy(tiny_csv):
     tr = _trainer(tiny_csv, quantization="none", **{"training.epochs": 8, "training.learning_rate": 1e-2})
     res = tr.fit()

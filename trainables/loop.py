@@ -199,6 +199,8 @@ class Trainer:
         self.epoch = 0
         self.history: list[dict] = []
         self.best: Best | None = None
+        self.last_eval: tuple[int, dict] | None = None
+        """The newest evaluation of the eval split: (epoch, report)."""
         self.setup_seconds = sum(self.setup_parts.values())
 
     def _lap(self, part: str, since: float) -> float:
@@ -333,6 +335,7 @@ class Trainer:
             if self.data.eval is not None:
                 t0 = time.perf_counter()
                 _, rep = self.evaluate("eval")
+                self.last_eval = (self.epoch, rep)
                 if self.graphs and self.dev.type == "cuda":
                     torch.cuda.empty_cache()  # the eager pass's cached blocks: graphed steps train from their own pool
                 m.update({f"eval_{k}": rep[k] for k in (*M.METRICS, "loss")})
@@ -348,12 +351,18 @@ class Trainer:
         return self.finish()
 
     def finish(self) -> FitResult:
-        """Restore the selected epoch's adapter and evaluate every split."""
+        """Restore the selected epoch's adapter and evaluate every split. The eval split's report of
+        that epoch, made when the epoch ended with the same weights, is taken as it is."""
         best_epoch = self.epoch
         if self.cfg.training.select == "best" and self.best and self.best.weights:
             self.load_trainable_state(self.best.weights)
             best_epoch = self.best.epoch
-        final = {name: self.evaluate(name)[1] for name in self.encoded}
+        known = {}
+        if self.best is not None and self.best.epoch == best_epoch:
+            known["eval"] = self.best.report
+        elif self.last_eval is not None and self.last_eval[0] == best_epoch:
+            known["eval"] = self.last_eval[1]
+        final = {name: known[name] if name in known else self.evaluate(name)[1] for name in self.encoded}
         return FitResult(self.history, best_epoch, final)
 
     # ----------------------------------------------------------------- checkpoints

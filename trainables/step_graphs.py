@@ -77,6 +77,9 @@ class StepGraphs:
         """Why a capture failed (the steps then run eagerly, padded as before); None while none has."""
         self.build_seconds = 0.0
         """Seconds spent warming up and capturing (a trial's start-up cost of its graphs)."""
+        self.build_parts = {"warm_up": 0.0, "capture": 0.0}
+        """``build_seconds`` in parts: the warm-up steps, and the captures (tracing a step and
+        instantiating its graph); the rest is copying the batch and putting the weights back."""
         with torch.no_grad():
             for p in params:  # gradients live here for good: graphs write them in place
                 p.grad = torch.zeros_like(p)
@@ -120,13 +123,18 @@ class StepGraphs:
         graph, loss = None, torch.zeros((), device=self.dev)
         if self.failed is None:
             saved = self._snapshot()
+            t1 = time.perf_counter()
             with self.context():
                 warm_up(lambda: self._step(static), self.dev, WARMUP_STEPS[bool(self.graphs)])
+            self.build_parts["warm_up"] += time.perf_counter() - t1
             self._restore(saved)
             if self.capture:
                 try:
+                    t1 = time.perf_counter()
                     with self.context():
                         graph, loss = capture_graph(lambda: self._step(static), self.pool)
+                    torch.cuda.synchronize(self.dev)
+                    self.build_parts["capture"] += time.perf_counter() - t1
                 except Exception as e:  # noqa: BLE001 - a step graphs cannot hold: train eagerly instead
                     self.failed = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
                     self.log(f"training.cuda_graphs: a step could not be captured ({self.failed}); "
