@@ -394,7 +394,7 @@ def bench_mfu() -> None:
     Llama-3-8B shapes: our settings (with and without compiled layers) against the reference's."""
     from peft import LoraConfig, get_peft_model
 
-    from trainables.models import compile_layers
+    from trainables.models import compile_layers, lora_inputs_uncast
 
     out = {}
     variants = [  # name, batch, seq, gradient checkpointing, LoRA targets, bf16 autocast, compile (or "graphs"),
@@ -425,6 +425,8 @@ def bench_mfu() -> None:
                 for p in model.parameters():
                     if p.requires_grad and autocast:
                         p.data = p.data.float()
+                if autocast:  # as the trainer does (a dequantized base's LoRA layers: no float32 input copies)
+                    lora_inputs_uncast(model)
                 if compiled is True:
                     compile_layers(model)
                 x = torch.randint(1, 128000, (batch, seq), device="cuda")

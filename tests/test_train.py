@@ -65,6 +65,33 @@ def test_the_final_report_takes_the_selected_epochs_eval_report(tiny_csv, select
     assert res.final["eval"]["loss"] == pytest.approx(again["loss"], rel=1e-5)
 
 
+@pytest.mark.parametrize("approach", ["head", "generation"])
+def test_lora_inputs_stay_bf16_under_autocast_with_the_same_loss_and_gradients(tiny_csv, approach):
+    """Under bf16 autocast, peft's plain LoRA layers (an unquantized or dequantized base) would cast
+    each input to float32 before the bf16 matmul; the trainer turns that off. Same loss, same gradients."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    tr = _trainer(tiny_csv, approach=approach, quantization="none", **{"training.bf16": True})
+    layers = [m for m in tr.model.modules() if isinstance(m, BaseTunerLayer)]
+    assert layers and not any(m.cast_input_dtype_enabled for m in layers)
+    assert all(m.cast_input_dtype_enabled for m in _trainer(tiny_csv, quantization="none").model.modules()
+               if isinstance(m, BaseTunerLayer))  # float32 throughout: nothing to change
+    tr.model.eval()  # no dropout: the two passes must agree
+    batch = tr.approach.collate(tr.train_examples[:4], train=True)
+    results = []
+    for cast in (False, True):
+        for m in layers:
+            m.cast_input_dtype_enabled = cast
+        tr.model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = tr.approach.loss(tr.model, batch, None)
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in tr.trainable]))
+    (a, ga), (b, gb) = results
+    assert a == pytest.approx(b, rel=1e-6) and a > 0
+    assert all(torch.allclose(x, y, rtol=1e-5, atol=1e-7) for x, y in zip(ga, gb))
+
+
 def test_head_loss_goes_down_on_a_learnable_toy(tiny_csv):
     tr = _trainer(tiny_csv, quantization="none", **{"training.epochs": 8, "training.learning_rate": 1e-2})
     res = tr.fit()

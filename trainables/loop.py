@@ -47,6 +47,7 @@ from trainables.models import (
     device,
     load_base,
     load_tokenizer,
+    lora_inputs_uncast,
     resolve_model,
 )
 from trainables.paths import build_atomically
@@ -156,6 +157,8 @@ class Trainer:
         self.rank, self.world = D.rank_and_world()
         t = cfg.training
         self.bf16 = use_bf16(cfg, self.dev)
+        if self.dev.type == "cuda":  # memory peaks are this run's (a reused worker ran others before)
+            torch.cuda.reset_peak_memory_stats(self.dev)
         t0 = time.perf_counter()
         self.setup_parts: dict[str, float] = {}
         """Seconds of each part of the set-up: ``data`` (tokenizer, tokenized splits), ``base`` (load,
@@ -175,6 +178,8 @@ class Trainer:
         seed_everything(t.seed)  # new weights and adapters start from the seed, however the base was obtained
         approach_class(cfg.approach).init_weights(base)
         self.model = attach_lora(base, cfg)
+        if self.bf16:
+            lora_inputs_uncast(self.model)
         if t.compile:
             compile_layers(self.model)
         t0 = self._lap("adapters", t0)
@@ -304,10 +309,14 @@ class Trainer:
         loss = total_loss / self.examples_per_epoch
         if not math.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss} in epoch {self.epoch + 1}; lower training.learning_rate")
-        return {"train_loss": loss, "train_seconds": secs,
-                "train_samples_per_second": self.examples_per_epoch / secs,
-                "train_tokens_per_second": tokens / secs, "workers": self.world,
-                "learning_rate": float(self.scheduler.get_last_lr()[0])}
+        m = {"train_loss": loss, "train_seconds": secs,
+             "train_samples_per_second": self.examples_per_epoch / secs,
+             "train_tokens_per_second": tokens / secs, "workers": self.world,
+             "learning_rate": float(self.scheduler.get_last_lr()[0])}
+        if self.dev.type == "cuda":  # this process's peaks so far in the run (the trainer reset them)
+            m["gpu_memory_peak_gb"] = torch.cuda.max_memory_allocated(self.dev) / 2**30
+            m["gpu_memory_reserved_peak_gb"] = torch.cuda.max_memory_reserved(self.dev) / 2**30
+        return m
 
     def evaluate(self, split: str) -> tuple[np.ndarray, dict]:
         """Probabilities ``[N, classes]`` and a full report (with confusion matrix) for one split."""

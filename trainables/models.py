@@ -325,6 +325,21 @@ def attach_lora(model, cfg: RunConfig):
     return peft_model
 
 
+def lora_inputs_uncast(model) -> int:
+    """For a model that runs under bf16 autocast: keep peft's LoRA layers from casting each input to
+    their weights' float32 first (peft's public ``cast_input_dtype_enabled``). Autocast computes LoRA's
+    matmuls in bf16 whatever the input's dtype, so that cast only adds a float32 copy of every
+    activation a LoRA layer sees, and its backward; peft's 4-bit layers already skip it under
+    autocast, its plain ones (a dequantized base) do not. The results are the same. Returns the
+    layers changed."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for m in layers:
+        m.cast_input_dtype_enabled = False
+    return len(layers)
+
+
 def compile_layers(model) -> int:
     """``torch.compile`` every decoder layer in place (regional compilation: the layers share one
     compiled graph, so compiling costs about one layer's worth). Returns how many were compiled."""

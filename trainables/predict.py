@@ -20,6 +20,7 @@ from trainables.models import (
     load_adapter,
     load_base,
     load_tokenizer,
+    lora_inputs_uncast,
     resolve_model,
 )
 
@@ -166,6 +167,8 @@ class ClassifierSet:
                 model.eval()
             self.versions[name] = _Version(name, cfg, label_names, make_approach(tok, label_names, cfg), key,
                                            use_bf16(cfg, self.dev))
+            if self.versions[name].bf16:
+                lora_inputs_uncast(self.models[key])
         self.active = {key: model.active_adapter for key, model in self.models.items()}
         if merge:  # a base that serves one version gets its adapter folded in (see Classifier)
             for key, model in list(self.models.items()):
