@@ -26,6 +26,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from random_model import SHAPES  # noqa: E402 - random-weight Llama shapes (item 2)
+
 DATA = ROOT / ".devdata"
 RESULTS = Path(os.environ.get("BENCH_RESULTS", ROOT / "benchmarks" / "results.json"))
 LABELS = ["Bearish", "Bullish", "Neutral"]
@@ -62,10 +66,9 @@ def model_ref() -> str:
         return "smollm2-135m"
     dest = Path("/tmp/smollm2-random")
     if not (dest / "config.json").exists():
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-        from random_model import random_smollm2
+        from random_model import random_model
 
-        random_smollm2(dest)
+        random_model(dest)
     return str(dest)
 
 
@@ -333,12 +336,6 @@ def bench_packing() -> None:
     save(out)
 
 
-SHAPES = {  # random-weight Llama shapes (item 2)
-    "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-               num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
-    "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-               num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
-}
 
 
 def nf4_model(shape: str, dev: str = "cuda"):
@@ -585,6 +582,8 @@ def bench_study(tag: str, study_yaml: str, *sets: str) -> None:
     GPU utilisation, epochs, GPU-seconds and the best metric under ``study_<tag>``."""
     import subprocess
 
+    import numpy as np
+
     from tuner.records import StudyRecord
     from tuner.summary import compute_summary, study_rows
     from trainables import runs as R
@@ -603,10 +602,14 @@ def bench_study(tag: str, study_yaml: str, *sets: str) -> None:
     df = study_rows(rec)
     summ = compute_summary(rec, df)
     c = R.client(rec.tracking_uri)
-    rates, starts, ends = [], [], []
+    rates, starts, ends, tokens, peaks, reserved = [], [], [], 0.0, [], []
     for run_id in df["run_id"]:
         h = c.get_metric_history(run_id, "train_samples_per_second")
         rates += [m.value for m in h]
+        secs = {m.step: m.value for m in c.get_metric_history(run_id, "train_seconds")}
+        tokens += sum(m.value * secs.get(m.step, 0.0) for m in c.get_metric_history(run_id, "train_tokens_per_second"))
+        peaks += [max((m.value for m in c.get_metric_history(run_id, "gpu_memory_peak_gb")), default=0.0)]
+        reserved += [max((m.value for m in c.get_metric_history(run_id, "gpu_memory_reserved_peak_gb")), default=0.0)]
         info = c.get_run(run_id).info
         starts.append(info.start_time / 1000)
         ends.append((info.end_time or info.start_time) / 1000)
@@ -619,8 +622,30 @@ def bench_study(tag: str, study_yaml: str, *sets: str) -> None:
            "epochs_per_hour": summ["epochs_run"] / wall * 3600, "gpu_util": gs.busy(), "gpu_mem_peak_gb": gs.mem,
            "gpu_seconds": float(df["gpu_seconds"].sum()), "best": float(df[col].max()),
            "trial_train_samples_per_s_median": float(sorted(rates)[len(rates) // 2]) if rates else None,
-           "states": summ["states"], "sets": list(sets)}
+           "states": summ["states"], "sets": list(sets),
+           # per trial: the most GPU memory its process allocated / held from the device (max over trials, median)
+           "trial_gpu_memory_peak_gb": [max(peaks, default=0.0), float(np.median(peaks)) if peaks else 0.0],
+           "trial_gpu_memory_reserved_peak_gb": [max(reserved, default=0.0), float(np.median(reserved)) if reserved else 0.0],
+           "tokens_trained": tokens}
+    n_lin = linear_parameters(rec.study.model)
+    if n_lin:  # the study's MFU: every trial's training tokens (4 x linear params each) over the span and GPUs
+        out["study_mfu"] = 4 * n_lin * tokens / (span * max(1, len(gpus)) * PEAK_BF16)
     save({f"study_{tag}": out})
+
+
+def linear_parameters(model: str) -> int:
+    """The decoder layers' linear weights of ``model`` (what MFU counts), from its config; 0 if unknown."""
+    from transformers import AutoConfig
+
+    from trainables.models import resolve_model
+
+    try:
+        c = AutoConfig.from_pretrained(resolve_model(model))
+    except Exception:  # noqa: BLE001 - MFU is then left out
+        return 0
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    q, kv = c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim
+    return c.num_hidden_layers * (c.hidden_size * (2 * q + 2 * kv) + 3 * c.hidden_size * c.intermediate_size)
 
 
 def bench_setup(repeats: str = "3") -> None:

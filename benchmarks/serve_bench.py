@@ -46,9 +46,9 @@ def _train_and_register(work: Path, gpu: bool, rows: int) -> tuple[Path, str]:
     from tuner.registry import log_classifier
 
     if gpu:
-        from random_model import random_smollm2
+        from random_model import random_model
 
-        model = str(random_smollm2(work / "base"))
+        model = str(random_model(work / "base"))
         data = {"train": str(ROOT / ".devdata" / "train.csv"), "eval": str(ROOT / ".devdata" / "valid.csv")}
     else:
         model, data = "smollm2-135m", {"train": "builtin:demo/train.csv", "eval": "builtin:demo/eval.csv"}
