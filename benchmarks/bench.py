@@ -626,7 +626,8 @@ def bench_study(tag: str, study_yaml: str, *sets: str) -> None:
            # per trial: the most GPU memory its process allocated / held from the device (max over trials, median)
            "trial_gpu_memory_peak_gb": [max(peaks, default=0.0), float(np.median(peaks)) if peaks else 0.0],
            "trial_gpu_memory_reserved_peak_gb": [max(reserved, default=0.0), float(np.median(reserved)) if reserved else 0.0],
-           "tokens_trained": tokens}
+           "tokens_trained": tokens,
+           "packing": [line for line in p.stdout.splitlines() if "resources_per_trial.gpu: auto" in line][:1]}
     n_lin = linear_parameters(rec.study.model)
     if n_lin:  # the study's MFU: every trial's training tokens (4 x linear params each) over the span and GPUs
         out["study_mfu"] = 4 * n_lin * tokens / (span * max(1, len(gpus)) * PEAK_BF16)

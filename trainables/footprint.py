@@ -9,7 +9,9 @@ from dataclasses import dataclass
 @dataclass
 class Footprint:
     peak_bytes: int
-    """Most memory the fit held at once (``torch.cuda.max_memory_allocated``)."""
+    """Most memory the fit held from the device at once (``torch.cuda.max_memory_reserved``): its
+    tensors, and what the allocator keeps cached beside them and in CUDA graphs' pools, which a
+    trial's process holds as much as its tensors."""
     card_bytes: int
     """The card's memory."""
 
@@ -30,7 +32,7 @@ def measure(run_config: dict, label_names: list[str]) -> Footprint:
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(dev)
-    before = torch.cuda.memory_allocated(dev)
+    before = torch.cuda.memory_reserved(dev)
     t = cfg.training
     text = " ".join(["word"] * 2 * t.max_length)  # at least max_length tokens in any tokenizer: truncated to it
     n = 2 * t.batch_size
@@ -38,7 +40,7 @@ def measure(run_config: dict, label_names: list[str]) -> Footprint:
     data = Dataset(label_names, Split([text] * n, labels[:n]), Split([text] * t.eval_batch_size, labels[:t.eval_batch_size]))
     trainer = Trainer(cfg, data, dev=dev, log=lambda *_: None)
     trainer.fit()
-    peak = torch.cuda.max_memory_allocated(dev) - before
+    peak = torch.cuda.max_memory_reserved(dev) - before
     del trainer
     gc.collect()
     torch.cuda.empty_cache()

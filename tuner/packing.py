@@ -12,7 +12,7 @@ from tuner.study_config import SearchSpace, StudyConfig
 
 GiB = 2**30
 CONTEXT_BYTES = 1 * GiB
-"""Memory each trial process holds besides its tensors (CUDA context, allocator slack)."""
+"""Memory each trial process holds besides what its allocator reserves (the CUDA context, cuBLAS workspaces)."""
 USABLE = 0.92
 """Share of a card that trials may fill together."""
 MARGIN = 1.15
