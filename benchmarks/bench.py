@@ -618,6 +618,8 @@ def bench_study(tag: str, study_yaml: str, *sets: str) -> None:
     done = int((df["state"] == "completed").sum())
     out = {"gpus": len(gpus), "card": card(), "wall_s": wall, "exit_code": p.returncode, "trials": int(len(df)),
            "completed": done, "trials_per_hour": len(df) / wall * 3600, "trials_span_s": span,
+           # the study's own overhead: the CLI's start to the first trial's start, the last trial's end to the CLI's exit
+           "before_first_trial_s": min(starts) - t, "after_last_trial_s": t + wall - max(ends),
            "trials_per_hour_span": len(df) / span * 3600, "epochs_run": summ["epochs_run"],
            "epochs_per_hour": summ["epochs_run"] / wall * 3600, "gpu_util": gs.busy(), "gpu_mem_peak_gb": gs.mem,
            "gpu_seconds": float(df["gpu_seconds"].sum()), "best": float(df[col].max()),
