@@ -386,6 +386,24 @@ def dequantize_layers(model) -> None:
     torch.cuda.empty_cache()
 
 
+OURS_MFU = dict(batch=32, seq=256, ckpt=False, targets="all-linear", autocast=True, mode="eager", deq=False, liger=False)
+"""Our settings for the MFU part: 32 x 256 tokens, LoRA r16 on all linear layers, bf16 autocast, the NF4 kernels."""
+MFU_VARIANTS = {  # name: what differs from OURS_MFU (MFU_VARIANTS in the environment picks some)
+    "reference": dict(batch=8, seq=512, ckpt=True, targets=["q_proj", "k_proj", "v_proj", "o_proj"], autocast=False),
+    "ours": {},
+    "ours_compile": dict(mode="compile"),
+    "ours_graphs": dict(mode="graphs"),  # training.cuda_graphs' StepGraphs
+    # the NF4 base dequantized once (training.dequantize_base: what `auto` does where it takes <= 10% of the card)
+    "ours_deq": dict(deq=True),
+    "ours_deq_graphs": dict(deq=True, mode="graphs"),
+    "ours_deq_compile": dict(deq=True, mode="compile"),
+    # Liger Kernel's Triton RMSNorm, SwiGLU and RoPE patched into the model (the wheel beside the bundle)
+    "ours_liger": dict(liger=True),
+    "ours_graphs_liger": dict(mode="graphs", liger=True),
+    "ours_deq_graphs_liger": dict(deq=True, mode="graphs", liger=True),
+}
+
+
 def bench_mfu() -> None:
     """Item 2: NF4 + LoRA training tokens/s and MFU (4 x params x tokens) on random Llama-3.2-1B and
     Llama-3-8B shapes: our settings (with and without compiled layers) against the reference's."""
@@ -393,28 +411,28 @@ def bench_mfu() -> None:
 
     from trainables.models import compile_layers, lora_inputs_uncast
 
+    import transformers.models.llama.modeling_llama as llama
+
+    rope = llama.apply_rotary_pos_emb  # Liger patches RoPE module-wide: put back after each Liger variant
     out = {}
-    variants = [  # name, batch, seq, gradient checkpointing, LoRA targets, bf16 autocast, compile (or "graphs"),
-        # the NF4 base dequantized once (training.dequantize_base: what `auto` does where it takes <= 10% of the card)
-        ("reference", 8, 512, True, ["q_proj", "k_proj", "v_proj", "o_proj"], False, False, False),
-        ("ours", 32, 256, False, "all-linear", True, False, False),
-        ("ours_compile", 32, 256, False, "all-linear", True, True, False),
-        ("ours_graphs", 32, 256, False, "all-linear", True, "graphs", False),  # training.cuda_graphs' StepGraphs
-        ("ours_deq", 32, 256, False, "all-linear", True, False, True),
-        ("ours_deq_graphs", 32, 256, False, "all-linear", True, "graphs", True),
-        ("ours_deq_compile", 32, 256, False, "all-linear", True, True, True),
-    ]
     only = os.environ.get("MFU_VARIANTS")
     for shape in os.environ.get("MFU_SHAPES", "1b,8b").split(","):
-        for name, batch, seq, ckpt, targets, autocast, compiled, deq in variants:
+        for name, over in MFU_VARIANTS.items():
             if only and name not in only.split(","):
                 continue
+            v = {**OURS_MFU, **over}
+            batch, seq, ckpt, targets, autocast, compiled = v["batch"], v["seq"], v["ckpt"], v["targets"], v["autocast"], v["mode"]
             key = f"{shape}_{name}"
             model = opt = graphed = None
             try:
                 model, n_lin = nf4_model(shape)
-                if deq:
+                if v["deq"]:
                     dequantize_layers(model)
+                if v["liger"]:
+                    from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+                    apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                                fused_linear_cross_entropy=False, model=model)
                 if ckpt:
                     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                     model.enable_input_require_grads()
@@ -424,7 +442,7 @@ def bench_mfu() -> None:
                         p.data = p.data.float()
                 if autocast:  # as the trainer does (a dequantized base's LoRA layers: no float32 input copies)
                     lora_inputs_uncast(model)
-                if compiled is True:
+                if compiled == "compile":
                     compile_layers(model)
                 x = torch.randint(1, 128000, (batch, seq), device="cuda")
                 y = torch.randint(0, 3, (batch,), device="cuda")
@@ -475,6 +493,7 @@ def bench_mfu() -> None:
                 out[f"error_{key}"] = f"{type(e).__name__}: {str(e)[:300]}"
                 print(key, out[f"error_{key}"], flush=True)
             model = opt = graphed = None
+            llama.apply_rotary_pos_emb = rope
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             torch._dynamo.reset()

