@@ -20,8 +20,9 @@ What a graph needs, and gets here:
 * an optimizer that runs on the device alone: fused AdamW with ``capturable=True`` and the learning
   rate as a device tensor, which the scheduler fills in place (:func:`make_optimizer`);
 * lazy initialisation outside the graph: each bucket's first steps (two for the first bucket, one for
-  each later one: the process is initialised by then) run on a side stream before its capture, and the weights and optimizer state are put back afterwards, so warming up trains nothing
-  (and the memory it cached goes back to the device: :func:`trainables.graphs.warm_up`).
+  each later one: the process is initialised by then) run on a side stream before its capture, and
+  the weights and optimizer state are put back afterwards, so warming up trains nothing (and the
+  memory it cached goes back to the device: :func:`trainables.graphs.warm_up`).
 
 A step that a graph cannot hold (an operation that waits on the host, say) fails its capture; the
 run then goes on eagerly, and :attr:`StepGraphs.failed` says why (``log`` gets it, once).
