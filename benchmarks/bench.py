@@ -302,7 +302,7 @@ def _pack_worker(i, n, barrier, q):
     from trainables.loop import Trainer
 
     cfg = RunConfig.model_validate({
-        "model": "smollm2-135m", "approach": "head", "quantization": "nf4",
+        "model": model_ref(), "approach": "head", "quantization": "nf4",
         "lora": {"r": 16, "alpha": 32}, "training": {"epochs": 1, "batch_size": 64, "max_length": 96, "seed": i},
         "data": {"train": str(subset(2000)), "label_names": LABELS, "split": {"eval": 0.0, "test": 0.0}},
     })

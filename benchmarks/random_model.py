@@ -14,7 +14,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / ".devdata" / "smollm2-tok"
 
-SHAPES = {  # random-weight Llama shapes (issue 6 item 2, issue 15's 8B-shaped study)
+SHAPES = {  # random-weight Llama shapes (issue 6 item 2, issue 15's 8B-shaped study, multi_adapter.py)
+    "135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                 num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True),
     "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
     "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
