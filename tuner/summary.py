@@ -220,7 +220,8 @@ def print_status(rec, df: pd.DataFrame | None = None, summary: dict | None = Non
     spent = summary.get("time_in_trials") or {}
     if spent:
         console.print(f"[bold]time in trials[/]: {spent['seconds']:,.0f} s: "
-                      + ", ".join(f"{name} {v:.0%}" for name, v in spent["shares"].items())
+                      + ", ".join(f"{name.replace('_', ' ')} {v:.0%}" for name, v in spent["shares"].items()
+                                  if v > 0 or name == "other")  # no graph capture on a CPU, say
                       + " (other: logging, Ray, the last checkpoint, epochs cut short)", soft_wrap=True)
     if summary["storage_bytes"]:
         console.print(f"[bold]storage[/]: {summary['storage_bytes'] / 1e6:.1f} MB of checkpoints and state in "
