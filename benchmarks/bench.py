@@ -363,7 +363,7 @@ def nf4_model(shape: str, dev: str = "cuda"):
                     setattr(parent, name, q)
         if dev == "cuda":
             torch.cuda.empty_cache()
-    n_lin = sum(m.in_features * m.out_features for m in model.model.layers.modules() if isinstance(m, bnb.nn.Linear4bit))
+    n_lin = linear_parameters(cfg)
     for p in model.parameters():
         p.requires_grad_(False)
     model.is_loaded_in_4bit = True  # what transformers' quantizer sets: peft then picks its bnb LoRA layers
@@ -649,21 +649,27 @@ def bench_study(tag: str, study_yaml: str, *sets: str) -> None:
            "trial_gpu_memory_reserved_peak_gb": [max(reserved, default=0.0), float(np.median(reserved)) if reserved else 0.0],
            "tokens_trained": tokens,
            "packing": [line for line in p.stdout.splitlines() if "resources_per_trial.gpu: auto" in line][:1]}
-    n_lin = linear_parameters(rec.study.model)
+    n_lin = linear_parameters(model_config(rec.study.model))
     if n_lin:  # the study's MFU: every trial's training tokens (4 x linear params each) over the span and GPUs
         out["study_mfu"] = 4 * n_lin * tokens / (span * max(1, len(gpus)) * PEAK_BF16)
     save({f"study_{tag}": out})
 
 
-def linear_parameters(model: str) -> int:
-    """The decoder layers' linear weights of ``model`` (what MFU counts), from its config; 0 if unknown."""
+def model_config(model: str):
+    """``model``'s transformers config; None where it cannot be read."""
     from transformers import AutoConfig
 
     from trainables.models import resolve_model
 
     try:
-        c = AutoConfig.from_pretrained(resolve_model(model))
+        return AutoConfig.from_pretrained(resolve_model(model))
     except Exception:  # noqa: BLE001 - MFU is then left out
+        return None
+
+
+def linear_parameters(c) -> int:
+    """The decoder layers' linear weights of a Llama config ``c`` (the N of MFU's 4 x N x tokens); 0 for None."""
+    if c is None:
         return 0
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     q, kv = c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim

@@ -75,7 +75,7 @@ def stack_adapters(model, k: int, r: int = 16, alpha: float = 32.0) -> list[nn.P
 
 
 def measure(shape: str, k: int, rows: int, length: int, steps: int = 20) -> dict:
-    from bench import nf4_model
+    from bench import PEAK_BF16, nf4_model
 
     from trainables.step_graphs import StepGraphs, make_optimizer
 
@@ -108,7 +108,7 @@ def measure(shape: str, k: int, rows: int, length: int, steps: int = 20) -> dict
     sync()
     secs = (time.perf_counter() - t) / steps
     out = {"k": k, "rows_per_adapter": rows, "length": length, "step_s": secs, "samples_per_s": k * rows / secs,
-           "mfu": 4 * n_lin * k * rows * length / secs / 989e12, "warmup_s": warm, "graphs_failed": graphed.failed,
+           "mfu": 4 * n_lin * k * rows * length / secs / PEAK_BF16, "warmup_s": warm, "graphs_failed": graphed.failed,
            "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None,
            "losses": [float(graphed(cpu)) for _ in range(2)]}
     graphed = opt = model = params = None

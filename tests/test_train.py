@@ -54,15 +54,18 @@ def test_the_final_report_takes_the_selected_epochs_eval_report(tiny_csv, select
     that epoch was made as the epoch ended, with the same weights: it is taken, not made again."""
     tr = _trainer(tiny_csv, quantization="none", **{"training.epochs": 3, "training.learning_rate": 5e-3,
                                                     "training.select": select})
+    tr._score_value = lambda m: -m["epoch"]  # epoch 1 scores best: "best" restores it, "last" keeps epoch 3
     evaluated = []
     inner = tr.evaluate
     tr.evaluate = lambda split: (evaluated.append(split), inner(split))[1]
     res = tr.fit()
     assert evaluated.count("eval") == 3 and evaluated.count("train") == 1, evaluated  # one per epoch; none in finish
-    assert res.best_epoch == (tr.best.epoch if select == "best" else 3)
-    again = inner("eval")[1]  # the restored adapter, evaluated now
+    assert res.best_epoch == (1 if select == "best" else 3) and tr.best.epoch == 1
+    again = inner("eval")[1]  # the selected adapter, evaluated now
     assert res.final["eval"]["confusion_matrix"] == again["confusion_matrix"]
     assert res.final["eval"]["loss"] == pytest.approx(again["loss"], rel=1e-5)
+    other = res.history[2 if select == "best" else 0]["eval_loss"]  # the epoch not selected scored otherwise
+    assert res.final["eval"]["loss"] != pytest.approx(other, rel=1e-5)
 
 
 @pytest.mark.parametrize("approach", ["head", "generation"])
@@ -90,6 +93,31 @@ def test_lora_inputs_stay_bf16_under_autocast_with_the_same_loss_and_gradients(t
     (a, ga), (b, gb) = results
     assert a == pytest.approx(b, rel=1e-6) and a > 0
     assert all(torch.allclose(x, y, rtol=1e-5, atol=1e-7) for x, y in zip(ga, gb))
+
+
+def test_versions_on_one_base_keep_lora_input_casts_unless_all_run_under_autocast(tiny_csv, tmp_path):
+    """A served base holds every version's adapter in the same LoRA layers, so their input cast is one
+    switch: it goes off only where every version on that base runs under autocast (a version without
+    autocast feeds its adapters inputs of the base's dtype, which peft casts to theirs)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from trainables.predict import ClassifierSet
+
+    folders = {}
+    for name, bf16 in (("auto", True), ("plain", False), ("auto2", True)):
+        tr = _trainer(tiny_csv, quantization="none", **{"training.bf16": bf16})
+        folders[name] = tr.save_output(tmp_path / name, tr.fit())
+    texts = tr.data.test.texts
+    mixed = ClassifierSet({k: folders[k] for k in ("auto", "plain")}, merge=False)
+    model = mixed.models[mixed.versions["plain"].base_key]
+    assert all(m.cast_input_dtype_enabled for m in model.modules() if isinstance(m, BaseTunerLayer))
+    for name in ("auto", "plain"):
+        assert len(mixed.predict(texts, name).labels) == len(texts)
+    alike = ClassifierSet({k: folders[k] for k in ("auto", "auto2")}, merge=False)
+    model = alike.models[alike.versions["auto"].base_key]
+    assert not any(m.cast_input_dtype_enabled for m in model.modules() if isinstance(m, BaseTunerLayer))
+    np.testing.assert_allclose(alike.predict(texts, "auto").probabilities,
+                               mixed.predict(texts, "auto").probabilities, atol=1e-6)
 
 
 def test_head_loss_goes_down_on_a_learnable_toy(tiny_csv):

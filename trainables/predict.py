@@ -167,8 +167,9 @@ class ClassifierSet:
                 model.eval()
             self.versions[name] = _Version(name, cfg, label_names, make_approach(tok, label_names, cfg), key,
                                            use_bf16(cfg, self.dev))
-            if self.versions[name].bf16:
-                lora_inputs_uncast(self.models[key])
+        for key, model in self.models.items():  # the flag is per LoRA layer, shared by the adapters in it
+            if all(v.bf16 for v in self.versions.values() if v.base_key == key):
+                lora_inputs_uncast(model)
         self.active = {key: model.active_adapter for key, model in self.models.items()}
         if merge:  # a base that serves one version gets its adapter folded in (see Classifier)
             for key, model in list(self.models.items()):
