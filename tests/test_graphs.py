@@ -60,12 +60,31 @@ def _varied_csv(path) -> str:
     return str(path)
 
 
+class _ReplayedEagerly:
+    """A stand-in for a CUDA graph on the CPU: capturing runs nothing (as a real capture), each
+    replay runs the step and writes its loss into the captured output."""
+
+    def __init__(self, fn):
+        self.fn, self.out = fn, torch.zeros(())
+
+    def replay(self):
+        self.out.copy_(self.fn())
+
+
 @pytest.mark.parametrize("approach", ["head", "generation"])
-def test_graphed_training_steps_train_as_the_plain_loop(tmp_path, approach):
+def test_graphed_training_steps_train_as_the_plain_loop(tmp_path, approach, monkeypatch):
     """training.cuda_graphs pads every batch to batch_size rows and its length bucket and steps through
-    StepGraphs (warm-up steps before each bucket's capture, then weights and AdamW state put back); the
-    last, shorter batch gets filler rows without loss. On the CPU the same padded steps run without
-    capture: the losses and the trained adapter must be those of the plain loop."""
+    StepGraphs: the run's first steps and each bucket's first are eager warm-up steps that train, the
+    bucket's next batch is captured and replayed; the last, shorter batch gets filler rows without
+    loss. With captures that record and replays that run the step, the losses and the trained adapter
+    must be those of the plain loop: no step lost to a warm-up or a capture, none taken twice."""
+    import trainables.step_graphs as SG
+
+    def capture(fn, pool):
+        g = _ReplayedEagerly(fn)
+        return g, g.out
+
+    monkeypatch.setattr(SG, "capture_graph", capture)
     data = _varied_csv(tmp_path / "varied.csv")
     runs = {}
     for graphs in (False, True):
@@ -74,14 +93,23 @@ def test_graphed_training_steps_train_as_the_plain_loop(tmp_path, approach):
             "training.max_grad_norm": 0.5, "data.split": {"eval": 0.2, "test": 0.0, "seed": 0}}))
         tr = Trainer(cfg, load_dataset(cfg.data), log=lambda *_: None)
         assert tr.graphs is graphs and len(tr.train_examples) % 6  # a shorter last batch
+        if graphs:
+            tr._graphed_steps().capture = True  # as on a GPU
         metrics = [tr.train_epoch() for _ in range(2)]
         runs[graphs] = ([m["train_loss"] for m in metrics], tr.trainable_state(), tr)
     (plain, w0, _), (graphed, w1, tr) = runs[False], runs[True]
-    assert len(tr.step_graphs.graphs) >= 2, tr.step_graphs.graphs.keys()  # warm-ups before a 2nd bucket too
-    # the warm-ups' time is counted, within the epoch's: all of it in the epoch that built the buckets
+    steps = tr.step_graphs
+    buckets = steps.graphs.values()
+    assert len(buckets) >= 2 and steps.failed is None, steps.graphs.keys()
+    # each bucket warmed up once (the run twice in all) and, once seen again, replays
+    assert all(b.warm == 1 or b.warm == 2 and len(buckets) == 1 for b in buckets)
+    assert steps.eager_steps == max(SG.WARMUP_RUN, len(buckets)) and steps.captured >= 1
+    assert metrics[0]["cuda_graphs"] <= metrics[1]["cuda_graphs"] == steps.captured
+    # warm-ups and captures are timed, within the epoch's: all of it in the epoch that built the buckets
     assert 0 < metrics[0]["graphs_seconds"] < metrics[0]["train_seconds"], metrics[0]
-    assert metrics[0]["graphs_seconds"] == pytest.approx(tr.step_graphs.build_seconds)
-    assert all(bucket_length(k) == k for k in tr.step_graphs.graphs)
+    assert sum(m["graphs_seconds"] for m in metrics) == pytest.approx(steps.build_seconds)
+    assert steps.build_parts["warm_up"] > 0 and steps.build_parts["capture"] > 0
+    assert all(bucket_length(k) == k for k in steps.graphs)
     assert plain[1] < plain[0] and graphed == pytest.approx(plain, rel=1e-4), (plain, graphed)
     assert max((w0[k] - w1[k]).abs().max().item() for k in w0) < 1e-4
 

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, ContextManager
+from typing import Callable, ContextManager, TypeVar
 
 import torch
 
 Batch = dict[str, torch.Tensor]
+T = TypeVar("T")
 MIN_LENGTH = 16
 
 
@@ -42,8 +43,8 @@ def bucket_length(n: int) -> int:
         p *= 2
 
 
-def warm_up(fn: Callable[[], object], dev: torch.device, times: int = 2) -> None:
-    """Run ``fn`` ``times`` so that lazy initialisation (cuBLAS handles, autograd, optimizer state)
+def warm_up(fn: Callable[[], T], dev: torch.device, times: int = 2) -> T:
+    """Run ``fn`` ``times`` (returning its last result) so that lazy initialisation (cuBLAS handles, autograd, optimizer state)
     happens before a capture: on a side stream on CUDA, as capture wants; plainly elsewhere.
 
     The blocks the warm-up cached go back to the device afterwards: they belong to a side stream (one
@@ -55,11 +56,12 @@ def warm_up(fn: Callable[[], object], dev: torch.device, times: int = 2) -> None
         side.wait_stream(torch.cuda.current_stream(dev))
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
         for _ in range(times):
-            fn()
+            out = fn()
     if side is not None:
         torch.cuda.current_stream(dev).wait_stream(side)
         torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()
+    return out
 
 
 def capture_graph(fn: Callable[[], torch.Tensor], pool) -> tuple[object, torch.Tensor]:

@@ -19,21 +19,21 @@ What a graph needs, and gets here:
 * gradients that never move: they are allocated once, zeroed in place inside the step, and kept;
 * an optimizer that runs on the device alone: fused AdamW with ``capturable=True`` and the learning
   rate as a device tensor, which the scheduler fills in place (:func:`make_optimizer`);
-* lazy initialisation outside the graph: each bucket's first steps (two for the first bucket, one for
-  each later one: the process is initialised by then) run on a side stream before its capture, and
-  the weights and optimizer state are put back afterwards, so warming up trains nothing (and the
-  memory it cached goes back to the device: :func:`trainables.graphs.warm_up`).
+* lazy initialisation outside the graph: each bucket's first step, and the run's first two, are real
+  training steps run eagerly on a side stream (:func:`trainables.graphs.warm_up`, which gives the
+  memory they cached back to the device); the bucket's next batch is captured, and replayed. Warming
+  up thus trains, as the plain loop would, and costs each bucket one eager step and one capture.
 
 A step that a graph cannot hold (an operation that waits on the host, say) fails its capture; the
 run then goes on eagerly, and :attr:`StepGraphs.failed` says why (``log`` gets it, once).
-``capture=False`` runs the same padded steps eagerly (and the same warm-up and restore): the CPU tests
-check it against the plain loop.
+``capture=False`` runs the same padded steps eagerly: the CPU tests check it against the plain loop.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass
 from typing import Callable, ContextManager
 
 import torch
@@ -41,9 +41,9 @@ import torch
 from trainables.graphs import bucket_length, capture_graph, warm_up
 
 Batch = dict[str, torch.Tensor]
-WARMUP_STEPS = (2, 1)
-"""Warm-up steps before the first bucket's capture (lazy initialisation: cuBLAS, autograd, the
-optimizer's state), and before each later one's (the new shape's own kernels and workspace)."""
+WARMUP_RUN, WARMUP_BUCKET = 2, 1
+"""Eager steps before any capture (lazy initialisation: cuBLAS, autograd, the optimizer's state), and
+of each bucket's own shape before its capture (its kernels and workspace)."""
 
 
 def make_optimizer(params: list[torch.Tensor], lr: float, weight_decay: float, dev: torch.device):
@@ -73,14 +73,17 @@ class StepGraphs:
         self.max_grad_norm, self.rows, self.dev, self.context = max_grad_norm, rows, dev, context
         self.capture = capture and dev.type == "cuda"
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
-        self.graphs: dict[int, tuple[Batch, torch.Tensor, object | None]] = {}
+        self.graphs: dict[int, _Bucket] = {}
+        self.eager_steps = 0
+        """Warm-up steps run so far (all buckets)."""
         self.failed: str | None = None
         """Why a capture failed (the steps then run eagerly, padded as before); None while none has."""
         self.build_seconds = 0.0
-        """Seconds spent warming up and capturing (a trial's start-up cost of its graphs)."""
+        """Seconds of the warm-up steps and captures: a trial's start-up cost of its graphs (the
+        warm-up steps train, but eagerly, at several times a replay's time)."""
         self.build_parts = {"warm_up": 0.0, "capture": 0.0}
-        """``build_seconds`` in parts: the warm-up steps, and the captures (tracing a step and
-        instantiating its graph); the rest is copying the batch and putting the weights back."""
+        """``build_seconds`` in parts: the eager warm-up steps, and the captures (tracing a step and
+        instantiating its graph)."""
         with torch.no_grad():
             for p in params:  # gradients live here for good: graphs write them in place
                 p.grad = torch.zeros_like(p)
@@ -97,16 +100,27 @@ class StepGraphs:
             raise ValueError(f"a batch of {rows} rows; the graphs take at most {self.rows}")
         key = bucket_length(length)
         batch = self.pad(batch, self.rows, key)
-        if key not in self.graphs:
-            self._build(key, batch)
-        static, loss, graph = self.graphs[key]
-        for k, buf in static.items():
+        b = self.graphs.get(key)
+        if b is None:
+            b = self.graphs[key] = _Bucket({k: torch.empty_like(v, device=self.dev) for k, v in batch.items()})
+        for k, buf in b.inputs.items():
             buf.copy_(batch[k], non_blocking=True)
-        if graph is None:
+        if b.graph is not None:
+            b.graph.replay()
+            return b.loss
+        if self.failed is None and (b.warm < WARMUP_BUCKET or self.eager_steps < WARMUP_RUN):
+            t0 = time.perf_counter()
             with self.context():
-                return self._step(static)
-        graph.replay()
-        return loss
+                loss = warm_up(lambda: self._step(b.inputs), self.dev, 1)
+            b.warm += 1
+            self.eager_steps += 1
+            self._spent("warm_up", t0)
+            return loss
+        if self.capture and self.failed is None and self._capture(b):
+            b.graph.replay()
+            return b.loss
+        with self.context():
+            return self._step(b.inputs)
 
     def _step(self, batch: Batch) -> torch.Tensor:
         """The step itself: what a graph captures, and what runs eagerly."""
@@ -118,54 +132,42 @@ class StepGraphs:
         self.optimizer.step()
         return loss.detach()
 
-    def _build(self, key: int, like: Batch) -> None:
+    def _capture(self, b: _Bucket) -> bool:
+        """Capture bucket ``b``'s step. A capture runs nothing (its kernels are recorded, not
+        executed), so one that fails leaves weights and optimizer state as they were."""
         t0 = time.perf_counter()
-        static = {k: v.to(self.dev).clone() for k, v in like.items()}
-        graph, loss = None, torch.zeros((), device=self.dev)
-        if self.failed is None:
-            saved = self._snapshot()
-            t1 = time.perf_counter()
+        try:
             with self.context():
-                warm_up(lambda: self._step(static), self.dev, WARMUP_STEPS[bool(self.graphs)])
-            self.build_parts["warm_up"] += time.perf_counter() - t1
-            self._restore(saved)
-            if self.capture:
-                try:
-                    t1 = time.perf_counter()
-                    with self.context():
-                        graph, loss = capture_graph(lambda: self._step(static), self.pool)
-                    torch.cuda.synchronize(self.dev)
-                    self.build_parts["capture"] += time.perf_counter() - t1
-                except Exception as e:  # noqa: BLE001 - a step graphs cannot hold: train eagerly instead
-                    self.failed = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
-                    self.log(f"training.cuda_graphs: a step could not be captured ({self.failed}); "
-                             "training goes on without graphs")
-                    self.capture, graph, loss = False, None, torch.zeros((), device=self.dev)
-                    self._restore(saved)
-        self.graphs[key] = (static, loss, graph)
-        self.build_seconds += time.perf_counter() - t0  # the warm-up and the capture each end synchronized
+                b.graph, b.loss = capture_graph(lambda: self._step(b.inputs), self.pool)
+            if self.dev.type == "cuda":
+                torch.cuda.synchronize(self.dev)
+            return True
+        except Exception as e:  # noqa: BLE001 - a step graphs cannot hold: train eagerly instead
+            b.graph = None
+            self.failed = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+            self.log(f"training.cuda_graphs: a step could not be captured ({self.failed}); "
+                     "training goes on without graphs")
+            return False
+        finally:
+            self._spent("capture", t0)
+
+    def _spent(self, part: str, since: float) -> None:
+        took = time.perf_counter() - since  # the warm-up and the capture each end synchronized
+        self.build_parts[part] += took
+        self.build_seconds += took
 
     @property
     def captured(self) -> int:
         """How many length buckets replay from a graph."""
-        return sum(g is not None for _, _, g in self.graphs.values())
+        return sum(b.graph is not None for b in self.graphs.values())
 
-    def _snapshot(self) -> tuple[list[torch.Tensor], dict]:
-        with torch.no_grad():
-            weights = [p.detach().clone() for p in self.params]
-        state = {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in self.optimizer.state[p].items()}
-                 for p in self.params if p in self.optimizer.state}
-        return weights, state
 
-    def _restore(self, saved: tuple[list[torch.Tensor], dict]) -> None:
-        """Weights and optimizer state as before the warm-up steps, in place (a graph keeps addresses);
-        state the warm-up created goes back to AdamW's initial zeros."""
-        weights, state = saved
-        with torch.no_grad():
-            for p, w in zip(self.params, weights):
-                p.copy_(w)
-            for p in self.params:
-                before = state.get(id(p))
-                for k, v in self.optimizer.state.get(p, {}).items():
-                    if torch.is_tensor(v):
-                        v.copy_(before[k]) if before is not None else v.zero_()
+@dataclass
+class _Bucket:
+    inputs: Batch
+    """The padded batch's device buffers: each step copies its batch in, the graph reads them."""
+    graph: object | None = None
+    loss: torch.Tensor | None = None
+    """The loss a replay writes."""
+    warm: int = 0
+    """Eager (warm-up) steps run on this shape."""
