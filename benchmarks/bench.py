@@ -413,7 +413,10 @@ def bench_mfu() -> None:
 
     import transformers.models.llama.modeling_llama as llama
 
-    rope = llama.apply_rotary_pos_emb  # Liger patches RoPE module-wide: put back after each Liger variant
+    # Liger patches the module itself (RoPE's function, the RMSNorm and MLP classes that later models
+    # are built from): put all of it back after each Liger variant (session 13's 8B runs without Liger
+    # ran after the 1B Liger ones, and were built from Liger's classes)
+    pristine = dict(vars(llama))
     out = {}
     only = os.environ.get("MFU_VARIANTS")
     for shape in os.environ.get("MFU_SHAPES", "1b,8b").split(","):
@@ -493,7 +496,9 @@ def bench_mfu() -> None:
                 out[f"error_{key}"] = f"{type(e).__name__}: {str(e)[:300]}"
                 print(key, out[f"error_{key}"], flush=True)
             model = opt = graphed = None
-            llama.apply_rotary_pos_emb = rope
+            for k, v in pristine.items():
+                if vars(llama).get(k) is not v:
+                    setattr(llama, k, v)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             torch._dynamo.reset()
@@ -644,6 +649,9 @@ def bench_study(tag: str, study_yaml: str, *sets: str) -> None:
            "gpu_seconds": float(df["gpu_seconds"].sum()), "best": float(df[col].max()),
            "trial_train_samples_per_s_median": float(sorted(rates)[len(rates) // 2]) if rates else None,
            "states": summ["states"], "sets": list(sets),
+           # why trials ended errored (each reason's first line, and how many ended so)
+           "errored": df.loc[df["state"] == "errored", "reason"].astype(str).str.split("\n").str[0].str[:200]
+                        .value_counts().to_dict() if "reason" in df else {},
            # per trial: the most GPU memory its process allocated / held from the device (max over trials, median)
            "trial_gpu_memory_peak_gb": [max(peaks, default=0.0), float(np.median(peaks)) if peaks else 0.0],
            "trial_gpu_memory_reserved_peak_gb": [max(reserved, default=0.0), float(np.median(reserved)) if reserved else 0.0],

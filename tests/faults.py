@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import torch
+
 
 def generation_trials_run_out_of_gpu_memory() -> None:
     """Training a generation trial raises CUDA's out-of-memory error in its first step, as a card
@@ -39,3 +41,20 @@ def head_graphs_fail_and_generation_runs_out_of_gpu_memory() -> None:
 
     SG.StepGraphs.__init__ = init_capturing
     SG.capture_graph = fail
+
+
+class ReplayedEagerly:
+    """A stand-in for a CUDA graph on the CPU (``trainables.step_graphs.capture_graph``'s result):
+    capturing runs nothing, as a real capture; each replay runs the step and writes its loss into the
+    captured output. :func:`capture_eagerly` is the stand-in capture."""
+
+    def __init__(self, fn):
+        self.fn, self.out = fn, torch.zeros(())
+
+    def replay(self):
+        self.out.copy_(self.fn())
+
+
+def capture_eagerly(fn, pool):
+    g = ReplayedEagerly(fn)
+    return g, g.out

@@ -14,6 +14,7 @@ from trainables.data import load_dataset
 from trainables.graphs import GraphedScorer, bucket_length, bucket_rows
 from trainables.loop import Trainer
 from trainables.predict import unmasked_pass, warm
+from tests.faults import capture_eagerly
 
 CPU = torch.device("cpu")
 
@@ -60,17 +61,6 @@ def _varied_csv(path) -> str:
     return str(path)
 
 
-class _ReplayedEagerly:
-    """A stand-in for a CUDA graph on the CPU: capturing runs nothing (as a real capture), each
-    replay runs the step and writes its loss into the captured output."""
-
-    def __init__(self, fn):
-        self.fn, self.out = fn, torch.zeros(())
-
-    def replay(self):
-        self.out.copy_(self.fn())
-
-
 @pytest.mark.parametrize("approach", ["head", "generation"])
 def test_graphed_training_steps_train_as_the_plain_loop(tmp_path, approach, monkeypatch):
     """training.cuda_graphs pads every batch to batch_size rows and its length bucket and steps through
@@ -80,11 +70,7 @@ def test_graphed_training_steps_train_as_the_plain_loop(tmp_path, approach, monk
     must be those of the plain loop: no step lost to a warm-up or a capture, none taken twice."""
     import trainables.step_graphs as SG
 
-    def capture(fn, pool):
-        g = _ReplayedEagerly(fn)
-        return g, g.out
-
-    monkeypatch.setattr(SG, "capture_graph", capture)
+    monkeypatch.setattr(SG, "capture_graph", capture_eagerly)
     data = _varied_csv(tmp_path / "varied.csv")
     runs = {}
     for graphs in (False, True):

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import learnable_csv, tiny_study
+from tests.conftest import learnable_csv, tiny_config, tiny_study
+from tests.faults import capture_eagerly
+from trainables.config import RunConfig
 from trainables.errors import InputError
-from trainables.footprint import Footprint
+from trainables.footprint import Footprint, synthetic_data
+from trainables.graphs import bucket_length
+from trainables.loop import Trainer
 from tuner.packing import GiB, largest_settings, share_of_card
 from tuner.study_config import load_study
 
@@ -103,3 +107,26 @@ def test_gpu_defaults_to_auto_and_is_quiet_on_a_cpu_cluster(tmp_path, yaml_file,
     dp, space = load_study(yaml_file(tiny_study(learnable_csv(tmp_path / "d.csv"), **{
         "resources_per_trial.workers": 2, "resources_per_trial.gpus_per_worker": 1})))
     assert resolve_auto_gpu(dp, space, "s.yaml", ["a", "b"], {"CPU": 8.0, "GPU": 2.0}) is dp
+
+
+@pytest.mark.parametrize("approach", ["head", "generation"])
+def test_the_footprint_fit_captures_every_length_bucket_a_trial_can_reach(tmp_path, approach, monkeypatch):
+    """gpu: auto sizes trials by one short fit, which must hold what a real trial holds: a graph per
+    length bucket its batches can fall in, each captured after its warm-up (a fit at the longest length
+    alone measured about half of what graphed trials then held, and 15 of them on an H200 overflowed it)."""
+    import trainables.step_graphs as SG
+
+    monkeypatch.setattr(SG, "capture_graph", capture_eagerly)  # capture, then replay, as on a GPU
+    cfg = RunConfig.model_validate(tiny_config(learnable_csv(tmp_path / "d.csv"), approach=approach, quantization="none", **{
+        "training.cuda_graphs": True, "training.max_length": 64, "training.batch_size": 4, "training.eval_batch_size": 8}))
+    labels = ["neg", "pos", "neutral"]
+    data = synthetic_data(cfg, labels)
+    tr = Trainer(cfg, data, log=lambda *_: None)
+    tr._graphed_steps().capture = True
+    tr.train_epoch()
+    ap = tr.approach
+    shortest, longest = (len(ap.training_examples(ap.encode([" ".join(["word"] * k)], [0]))[0].input_ids) for k in (1, 64))
+    reachable = {bucket_length(n) for n in range(shortest, longest + 1)}
+    assert len(reachable) >= 3 and set(tr.step_graphs.graphs) == reachable, (sorted(tr.step_graphs.graphs), reachable)
+    assert tr.step_graphs.captured == len(reachable) and tr.step_graphs.failed is None
+    assert len(data.eval) % cfg.training.eval_batch_size  # a last, partial evaluation batch

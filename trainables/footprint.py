@@ -1,5 +1,6 @@
-"""A trial's GPU memory, measured: one short fit (training steps and an evaluation) at given settings,
-on synthetic texts long enough to fill ``training.max_length``."""
+"""A trial's GPU memory, measured: one short fit (training steps and evaluations) at given settings,
+on synthetic texts whose lengths reach every length bucket a real trial's batches can fall in, up to
+``training.max_length``: so the fit captures every CUDA graph a real trial would, and holds their pools."""
 
 from __future__ import annotations
 
@@ -16,28 +17,55 @@ class Footprint:
     """The card's memory."""
 
 
+BATCHES_PER_BUCKET = 3
+"""Training batches per length bucket: warmed up eagerly, then captured and replayed (trainables.step_graphs)."""
+
+
+def synthetic_data(cfg, label_names: list[str]):
+    """A data set for ``cfg``'s footprint fit: :data:`BATCHES_PER_BUCKET` training batches per length
+    bucket (:func:`trainables.graphs.bucket_length`) that the approach's encoding of texts of 1 to
+    ``training.max_length`` words reaches; evaluation at the longest, one full batch and a partial one
+    (a second scoring graph, as a real split's last batch makes)."""
+    from trainables.approaches import make_approach
+    from trainables.data import Dataset, Split
+    from trainables.graphs import bucket_length
+    from trainables.models import load_tokenizer, resolve_model
+
+    t = cfg.training
+    tok = load_tokenizer(resolve_model(cfg.model), cfg.trust_remote_code, reuse=True)
+    approach = make_approach(tok, label_names, cfg)
+    probes = [" ".join(["word"] * k) for k in range(1, t.max_length + 1)]
+    lengths = [len(e.input_ids) for e in approach.training_examples(approach.encode(probes, [0] * len(probes)))]
+    longest = {}  # bucket -> the longest probe in it
+    for text, n in zip(probes, lengths):
+        longest[bucket_length(n)] = text
+    texts = list(longest.values())
+
+    def split(rows: list[str]):
+        return Split(rows, [i % len(label_names) for i in range(len(rows))])
+
+    train = [x for x in texts for _ in range(BATCHES_PER_BUCKET * t.batch_size)]
+    return Dataset(label_names, split(train), split([texts[-1]] * (t.eval_batch_size + max(1, t.eval_batch_size // 2 - 1))))
+
+
 def measure(run_config: dict, label_names: list[str]) -> Footprint:
-    """Fit ``run_config`` (a RunConfig's JSON) for one epoch of two batches on the current GPU."""
+    """Fit ``run_config`` (a RunConfig's JSON) for one epoch of :func:`synthetic_data` on the current GPU."""
     import gc
 
     import torch
 
     from trainables.config import RunConfig
-    from trainables.data import Dataset, Split
     from trainables.loop import Trainer
 
     cfg = RunConfig.model_validate(run_config)
     cfg.training.epochs = 1
+    cfg.training.epoch_examples = None
     dev = torch.device("cuda")
+    data = synthetic_data(cfg, label_names)
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(dev)
     before = torch.cuda.memory_reserved(dev)
-    t = cfg.training
-    text = " ".join(["word"] * 2 * t.max_length)  # at least max_length tokens in any tokenizer: truncated to it
-    n = 2 * t.batch_size
-    labels = [i % len(label_names) for i in range(max(n, t.eval_batch_size))]
-    data = Dataset(label_names, Split([text] * n, labels[:n]), Split([text] * t.eval_batch_size, labels[:t.eval_batch_size]))
     trainer = Trainer(cfg, data, dev=dev, log=lambda *_: None)
     trainer.fit()
     peak = torch.cuda.max_memory_reserved(dev) - before
