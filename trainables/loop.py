@@ -40,6 +40,7 @@ from trainables import step_graphs
 from trainables.data import Dataset
 from trainables.errors import InputError
 from trainables.models import (
+    apply_liger,
     attach_lora,
     compile_layers,
     dequantize_base_wanted,
@@ -174,6 +175,8 @@ class Trainer:
         self.dequantized_base = dequantize_base_wanted(t.dequantize_base, cfg.quantization, base, self.dev)
         if self.dequantized_base:
             base = dequantized(base)
+        if t.liger_kernel:
+            apply_liger(base, self.dev)
         t0 = self._lap("base", t0)
         seed_everything(t.seed)  # new weights and adapters start from the seed, however the base was obtained
         approach_class(cfg.approach).init_weights(base)

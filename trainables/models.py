@@ -265,6 +265,22 @@ def dequantized(base):
     return base.dequantize() if getattr(base, "hf_quantizer", None) is not None else base
 
 
+def apply_liger(model, dev: torch.device) -> None:
+    """Liger Kernel's RMSNorm, SwiGLU and RoPE in ``model``'s layers (``training.liger_kernel``), through
+    its public ``apply_liger_kernel_to_llama``; a clear error where they cannot run."""
+    what = "training.liger_kernel: true"
+    if dev.type != "cuda":
+        raise InputError(f"{what} needs a CUDA GPU (Liger's kernels are Triton kernels); set it to false here")
+    if model.config.model_type != "llama":
+        raise InputError(f"{what} supports Llama models; '{model.config.model_type}' is not one")
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+    except ImportError:
+        raise InputError(f"{what} needs the liger-kernel package: pip install 'qlora-tune[liger]'") from None
+    apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                fused_linear_cross_entropy=False, model=model)
+
+
 DEQUANTIZE_AUTO_SHARE = 0.10
 """``dequantize_base: auto`` dequantizes a base whose unquantized weights take at most this share of the GPU."""
 
