@@ -650,7 +650,7 @@ def bench_study(tag: str, study_yaml: str, *sets: str) -> None:
            "trial_train_samples_per_s_median": float(sorted(rates)[len(rates) // 2]) if rates else None,
            "states": summ["states"], "sets": list(sets), "out_of_gpu_memory": summ["out_of_gpu_memory"],
            # where the trials' time went (as `status` shows it), kept here: the study's store stays on the GPU machine
-           "time_in_trials": summ["time_in_trials"],
+           "time_in_trials": summ["time_in_trials"], "before_first_trial": summ["before_first_trial"],
            # why trials ended errored (each reason's first line, and how many ended so)
            "errored": df.loc[df["state"] == "errored", "reason"].astype(str).str.split("\n").str[0].str[:200]
                         .value_counts().to_dict() if "reason" in df else {},

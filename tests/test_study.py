@@ -64,6 +64,14 @@ def test_study_over_both_approaches_with_asha(finished_study):
         parts = [m[f"setup_{k}_seconds"] for k in ("data", "base", "adapters", "optimizer")]  # what set-up spent
         assert sum(parts) == pytest.approx(m["setup_seconds"]) and min(parts) >= 0, m
     assert "time in trials" in s.stdout and "training" in s.stdout.split("time in trials")[1], s.stdout
+    # what came before the first trial: the driver's steps, then the first trial's process starting
+    m, wall = parent.data.metrics, (parent.info.end_time - parent.info.start_time) / 1000
+    parts = {k: m[f"before_first_trial_{k}_seconds"] for k in ("load", "ray", "gpu_auto", "tracking", "trial_start")}
+    assert all(v >= 0 for v in parts.values()) and parts["load"] > 0 and parts["trial_start"] > 0, parts
+    assert m["before_first_trial_seconds"] == pytest.approx(sum(parts.values())), m
+    first = min(r.info.start_time for r in runs) / 1000
+    assert parts["trial_start"] < first - parent.info.start_time / 1000 < wall, (parts, first)
+    assert "before the first trial" in s.stdout and "first trial's process" in s.stdout, s.stdout
 
 
 def test_warm_start_gives_optuna_the_old_trials_where_the_spaces_agree(finished_study, tmp_path, yaml_file, ray_cluster):

@@ -29,6 +29,12 @@ class StudyRecord:
     created: str
     data_fingerprint: str = ""
     state: str = "running"
+    start_phases: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Seconds of each step the driver took before Ray Tune started the trials: ``load`` (config,
+    data, tracking server), ``ray`` (start or connect), ``gpu_auto`` (``gpu: auto``'s fit),
+    ``tracking`` (experiment, parent run, logged config)."""
+    trials_started: float = 0.0
+    """When Ray Tune was asked to start the trials (seconds since the epoch; 0: not yet)."""
 
     @staticmethod
     def folder(name: str) -> Path:

@@ -24,6 +24,19 @@ from tuner.study_config import StudyConfig, load_study, parse_search
 # ------------------------------------------------------------------ run / resume
 
 
+def _laps():
+    """``lap(name)`` records the seconds since the previous lap (or the start) as ``lap.phases[name]``."""
+    last = [time.time()]
+
+    def lap(name: str) -> None:
+        now = time.time()
+        lap.phases[name] = lap.phases.get(name, 0.0) + now - last[0]
+        last[0] = now
+
+    lap.phases = {}
+    return lap
+
+
 def _context(rec: StudyRecord, res: dict[str, float]) -> TrialContext:
     s = rec.study
     r = s.resources_per_trial
@@ -63,6 +76,7 @@ def run_study(path: Path, overrides: list[str], name: str | None, address: str |
     """Start a study; ``warm_start`` names an earlier one whose trials Optuna starts from."""
     from ray import tune
 
+    lap = _laps()
     study, space = load_study(path, overrides)
     old = StudyRecord.load(warm_start) if warm_start else None
     name = name or f"{Path(path).stem}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -90,12 +104,15 @@ def run_study(path: Path, overrides: list[str], name: str | None, address: str |
         console.print(f"[bold]warm start[/] from {old.name}: {len(warm)} trial(s) carried over; the first "
                       f"trials rerun its best of each approach ({len(first)})"
                       + ("".join(f"\n  {n}" for n in notes) if notes else ""), soft_wrap=True)
+    lap("load")
     connect(address)
     import ray
 
     from tuner.packing import resolve_auto_gpu
 
+    lap("ray")
     study = resolve_auto_gpu(study, space, str(path), data.label_names, ray.cluster_resources())  # recorded resolved
+    lap("gpu_auto")
     res = check_resources(study, str(path), ray.cluster_resources())
     c = R.client(uri)
     exp_id = tracking.experiment_id(c, study.tracking.experiment, study.tracking.artifact_location)
@@ -106,7 +123,8 @@ def run_study(path: Path, overrides: list[str], name: str | None, address: str |
     rec = StudyRecord(name=name, source=str(Path(path).resolve()), config=study.model_dump(mode="json"),
                       tracking_uri=uri, experiment_id=exp_id, parent_run_id=parent_run_id,
                       storage_path=study.storage or str(home() / "ray_results"),
-                      created=datetime.now().isoformat(timespec="seconds"), data_fingerprint=data.fingerprint())
+                      created=datetime.now().isoformat(timespec="seconds"), data_fingerprint=data.fingerprint(),
+                      start_phases=lap.phases)  # the same dict: the laps after this land in it too
     rec.save()
     try:
         R.log_params(c, rec.parent_run_id, {"study": {k: v for k, v in rec.config.items() if k != "search"},
@@ -121,6 +139,7 @@ def run_study(path: Path, overrides: list[str], name: str | None, address: str |
     except BaseException as e:  # the parent run must not stay RUNNING
         finish_study(rec, interrupted=True, seconds=0.0, reason=f"{type(e).__name__}: {e}")
         raise
+    lap("tracking")
     workers = f" x {study.resources_per_trial.workers} workers" if study.resources_per_trial.workers > 1 else ""
     count = f"trials for {study.time_budget_s:g} s" if study.time_budget_s and study.num_trials >= BUDGETED_TRIALS \
         else f"{study.num_trials} trials"
@@ -211,6 +230,9 @@ def _fit(tuner, rec: StudyRecord) -> StudyRecord:
     import signal
 
     t0 = time.time()
+    if not rec.trials_started:
+        rec.trials_started = t0
+        rec.save()
     interrupted = False
     before = signal.getsignal(signal.SIGINT)
     try:

@@ -60,6 +60,11 @@ def trial_line(trial, what: str, metric: str, max_epochs: int) -> str:
     return f"trial {trial.trial_id} ({cfg.get('approach', '')}{', ' + params if params else ''}) {what}{tail}"
 
 
+START_PARTS = {"load": "config and data", "ray": "Ray", "gpu_auto": "gpu: auto fit", "tracking": "MLflow",
+               "trial_start": "first trial's process"}
+"""How ``status`` names the parts of :func:`before_first_trial`."""
+
+
 def study_rows(rec) -> pd.DataFrame:
     """One row per trial run of the study, straight from MLflow."""
     c = R.client(rec.tracking_uri)
@@ -77,6 +82,7 @@ def study_rows(rec) -> pd.DataFrame:
             f"last_{study.metric}": values[-1] if values else math.nan, f"best_{study.metric}": best,
             "gpu_seconds": run.data.metrics.get("gpu_seconds", 0.0),
             "wall_seconds": ((run.info.end_time or time.time() * 1000) - run.info.start_time) / 1000,
+            "start_time": run.info.start_time / 1000,
             **{k: run.data.metrics.get(k, 0.0) for k in TIME_PARTS},
             "reason": run.data.tags.get(R.REASON_TAG, ""),
             "cuda_graphs_failed": run.data.tags.get(R.GRAPHS_FAILED_TAG, ""),
@@ -133,6 +139,18 @@ def time_in_trials(df: pd.DataFrame) -> dict:
     return {"seconds": total, "shares": {name: v / total for name, v in parts.items()}}
 
 
+def before_first_trial(rec, df: pd.DataFrame) -> dict:
+    """Seconds from the CLI's start to the first trial's run (``seconds``), by part (``parts``): the
+    driver's steps (:attr:`StudyRecord.start_phases`), then ``trial_start``, Ray Tune starting the
+    first trial's process until its run opens. Empty for a study recorded without them."""
+    if not rec.start_phases:
+        return {}
+    parts = dict(rec.start_phases)
+    if rec.trials_started and len(df):
+        parts["trial_start"] = max(0.0, float(df["start_time"].min()) - rec.trials_started)
+    return {"seconds": sum(parts.values()), "parts": parts}
+
+
 def compute_summary(rec, df: pd.DataFrame) -> dict:
     """The study's figures: states, compute, storage (a walk of the study's storage) and parameter
     importances (a fANOVA fit). Computed once per report: pass it on rather than computing it again."""
@@ -147,6 +165,7 @@ def compute_summary(rec, df: pd.DataFrame) -> dict:
         sizes = []
     failed = df["cuda_graphs_failed"].fillna("") if len(df) else pd.Series(dtype=str)
     return {"trials": len(df), "states": counts, "out_of_gpu_memory": oom, "time_in_trials": time_in_trials(df),
+            "before_first_trial": before_first_trial(rec, df),
             "cuda_graphs_failed": {"trials": int((failed != "").sum()), "first_reason": next((r for r in failed if r), "")},
             "storage_bytes": sum(sizes), "storage_bytes_per_trial_max": max(sizes, default=0),
             "epochs_run": epochs, "epochs_without_early_stopping": budget,
@@ -170,6 +189,10 @@ def write_study_report(rec, df: pd.DataFrame, summary: dict, seconds: float, fol
                "cuda_graphs_failed_trials": summary["cuda_graphs_failed"]["trials"]}
     shares = (summary.get("time_in_trials") or {}).get("shares", {})
     metrics.update({f"trial_time_share_{name}": v for name, v in shares.items()})
+    start = summary.get("before_first_trial") or {}
+    if start:
+        metrics["before_first_trial_seconds"] = start["seconds"]
+        metrics.update({f"before_first_trial_{name}_seconds": v for name, v in start["parts"].items()})
     if best is not None:
         metrics[f"best_{rec.study.metric}"] = float(best[f"best_{rec.study.metric}"])
         try:
@@ -223,6 +246,11 @@ def print_status(rec, df: pd.DataFrame | None = None, summary: dict | None = Non
                       + ", ".join(f"{name.replace('_', ' ')} {v:.0%}" for name, v in spent["shares"].items()
                                   if v > 0 or name == "other")  # no graph capture on a CPU, say
                       + " (other: logging, Ray, the last checkpoint, epochs cut short)", soft_wrap=True)
+    start = summary.get("before_first_trial") or {}
+    if start:
+        console.print(f"[bold]before the first trial[/]: {start['seconds']:,.0f} s: "
+                      + ", ".join(f"{START_PARTS.get(name, name)} {v:,.1f} s" for name, v in start["parts"].items()),
+                      soft_wrap=True)
     if summary["storage_bytes"]:
         console.print(f"[bold]storage[/]: {summary['storage_bytes'] / 1e6:.1f} MB of checkpoints and state in "
                       f"{rec.experiment_path} (at most {summary['storage_bytes_per_trial_max'] / 1e6:.1f} MB per "
