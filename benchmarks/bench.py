@@ -191,6 +191,23 @@ def reference(rows: int = 2000, epochs: int = 2, warm: int = 10):
             "eval_accuracy": accuracy, "train_s": out.metrics["train_runtime"], "epochs": epochs, "rows": rows}
 
 
+def restore_llama_module():
+    """A function that puts transformers' Llama module back as it is now. Liger patches the module
+    itself (RoPE's function, the RMSNorm and MLP classes later models are built from), so a Liger
+    variant would otherwise change every variant after it in the process (session 13's 8B MFU rows
+    without Liger ran after the 1B Liger ones, and were built from Liger's classes)."""
+    import transformers.models.llama.modeling_llama as llama
+
+    pristine = dict(vars(llama))
+
+    def restore() -> None:
+        for k, v in pristine.items():
+            if vars(llama).get(k) is not v:
+                setattr(llama, k, v)
+
+    return restore
+
+
 SPEED_VARIANTS = {
     # name: (approach, quantization, extra training settings)
     "head_nf4": ("head", "nf4", {"dequantize_base": False}),  # 4-bit layers throughout (graphed steps: the default)
@@ -205,6 +222,10 @@ SPEED_VARIANTS = {
     "head_nf4_b32": ("head", "nf4", {"dequantize_base": False, "batch": 32, "r": 32, "lr": 1e-3}),
     "generation_nf4_b32": ("generation", "nf4", {"dequantize_base": False, "batch": 32, "r": 32, "lr": 1e-3}),
     "head_nf4_b32_reused": ("head", "nf4", {"dequantize_base": False, "batch": 32, "r": 32, "lr": 1e-3, "reuse": True}),
+    # training.liger_kernel through the Trainer (needs the Liger wheel beside the bundle)
+    "head_nf4_b32_liger": ("head", "nf4", {"dequantize_base": False, "batch": 32, "r": 32, "lr": 1e-3, "liger_kernel": True}),
+    "generation_nf4_b32_liger": ("generation", "nf4", {"dequantize_base": False, "batch": 32, "r": 32, "lr": 1e-3,
+                                                       "liger_kernel": True}),
     # the NF4 base dequantized once before training (training.dequantize_base): the same weights
     "head_nf4_deq": ("head", "nf4", {"dequantize_base": True}),
     "generation_nf4_deq": ("generation", "nf4", {"dequantize_base": True}),
@@ -227,9 +248,11 @@ def bench_speed() -> None:
     out["reference"] = ref
     save(out)
     only = os.environ.get("SPEED_VARIANTS")
+    restore = restore_llama_module()
     for name, (approach, quant, extra) in SPEED_VARIANTS.items():
         if only and name not in only.split(","):
             continue
+        restore()
         try:
             if extra.get("reuse"):
                 ours(approach, quant, **{**extra, "epochs": 1})  # the worker's first trial fills its caches
@@ -411,12 +434,7 @@ def bench_mfu() -> None:
 
     from trainables.models import compile_layers, lora_inputs_uncast
 
-    import transformers.models.llama.modeling_llama as llama
-
-    # Liger patches the module itself (RoPE's function, the RMSNorm and MLP classes that later models
-    # are built from): put all of it back after each Liger variant (session 13's 8B runs without Liger
-    # ran after the 1B Liger ones, and were built from Liger's classes)
-    pristine = dict(vars(llama))
+    restore = restore_llama_module()
     out = {}
     only = os.environ.get("MFU_VARIANTS")
     for shape in os.environ.get("MFU_SHAPES", "1b,8b").split(","):
@@ -496,9 +514,7 @@ def bench_mfu() -> None:
                 out[f"error_{key}"] = f"{type(e).__name__}: {str(e)[:300]}"
                 print(key, out[f"error_{key}"], flush=True)
             model = opt = graphed = None
-            for k, v in pristine.items():
-                if vars(llama).get(k) is not v:
-                    setattr(llama, k, v)
+            restore()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             torch._dynamo.reset()
