@@ -8,7 +8,7 @@ from tests.conftest import learnable_csv, tiny_config, tiny_study
 from tests.faults import capture_eagerly
 from trainables.config import RunConfig
 from trainables.errors import InputError
-from trainables.footprint import Footprint, synthetic_data
+from trainables.footprint import Footprint, probe_words, synthetic_data
 from trainables.graphs import bucket_length
 from trainables.loop import Trainer
 from tuner.packing import GiB, largest_settings, share_of_card
@@ -130,3 +130,11 @@ def test_the_footprint_fit_captures_every_length_bucket_a_trial_can_reach(tmp_pa
     assert len(reachable) >= 3 and set(tr.step_graphs.graphs) == reachable, (sorted(tr.step_graphs.graphs), reachable)
     assert tr.step_graphs.captured == len(reachable) and tr.step_graphs.failed is None
     assert len(data.eval) % cfg.training.eval_batch_size  # a last, partial evaluation batch
+
+
+def test_the_fits_probes_are_few_and_reach_every_bucket_up_to_any_max_length():
+    for max_length in (8, 64, 256, 300, 4096, 32768):
+        ks = probe_words(max_length)
+        assert ks[0] == 1 and ks[-1] == max_length and ks == sorted(set(ks)) and len(ks) <= 400, (max_length, len(ks))
+        # at one or more tokens a word, consecutive probes sit closer than the buckets are wide
+        assert all(b - a == 1 if b <= 256 else b <= a * 1.06 + 1 for a, b in zip(ks, ks[1:]))

@@ -21,10 +21,20 @@ BATCHES_PER_BUCKET = 3
 """Training batches per length bucket: warmed up eagerly, then captured and replayed (trainables.step_graphs)."""
 
 
+def probe_words(max_length: int) -> list[int]:
+    """Word counts of the fit's probe texts, 1 to ``max_length``: every count up to 256 (the buckets
+    16 tokens wide lie below 64 tokens), then 5% apart (the buckets above are a third wide or more),
+    so that every bucket the encoding reaches gets a probe, with a few hundred at most."""
+    ks = list(range(1, min(max_length, 256) + 1))
+    while ks[-1] < max_length:
+        ks.append(min(max_length, int(ks[-1] * 1.05) + 1))
+    return ks
+
+
 def synthetic_data(cfg, label_names: list[str]):
     """A data set for ``cfg``'s footprint fit: :data:`BATCHES_PER_BUCKET` training batches per length
     bucket (:func:`trainables.graphs.bucket_length`) that the approach's encoding of texts of 1 to
-    ``training.max_length`` words reaches; evaluation at the longest, one full batch and a partial one
+    ``training.max_length`` words (:func:`probe_words`) reaches; evaluation at the longest, one full batch and a partial one
     (a second scoring graph, as a real split's last batch makes)."""
     from trainables.approaches import make_approach
     from trainables.data import Dataset, Split
@@ -34,7 +44,7 @@ def synthetic_data(cfg, label_names: list[str]):
     t = cfg.training
     tok = load_tokenizer(resolve_model(cfg.model), cfg.trust_remote_code, reuse=True)
     approach = make_approach(tok, label_names, cfg)
-    probes = [" ".join(["word"] * k) for k in range(1, t.max_length + 1)]
+    probes = [" ".join(["word"] * k) for k in probe_words(t.max_length)]
     lengths = [len(e.input_ids) for e in approach.training_examples(approach.encode(probes, [0] * len(probes)))]
     longest = {}  # bucket -> the longest probe in it
     for text, n in zip(probes, lengths):
