@@ -44,8 +44,9 @@ def bucket_length(n: int) -> int:
 
 
 def warm_up(fn: Callable[[], T], dev: torch.device, times: int = 2) -> T:
-    """Run ``fn`` ``times`` (returning its last result) so that lazy initialisation (cuBLAS handles, autograd, optimizer state)
-    happens before a capture: on a side stream on CUDA, as capture wants; plainly elsewhere.
+    """Run ``fn`` ``times`` and return its last result, so that lazy initialisation (cuBLAS handles,
+    autograd, optimizer state) happens before a capture: on a side stream on CUDA, as capture wants;
+    plainly elsewhere.
 
     The blocks the warm-up cached go back to the device afterwards: they belong to a side stream (one
     of PyTorch's pool, a different one each time), so nothing else would reuse them, and each

@@ -24,17 +24,17 @@ from tuner.study_config import StudyConfig, load_study, parse_search
 # ------------------------------------------------------------------ run / resume
 
 
-def _laps():
-    """``lap(name)`` records the seconds since the previous lap (or the start) as ``lap.phases[name]``."""
-    last = [time.time()]
+class _Laps:
+    """``lap(name)`` adds the seconds since the previous lap (or since it was made) to ``phases[name]``."""
 
-    def lap(name: str) -> None:
+    def __init__(self):
+        self.phases: dict[str, float] = {}
+        self._last = time.time()
+
+    def __call__(self, name: str) -> None:
         now = time.time()
-        lap.phases[name] = lap.phases.get(name, 0.0) + now - last[0]
-        last[0] = now
-
-    lap.phases = {}
-    return lap
+        self.phases[name] = self.phases.get(name, 0.0) + now - self._last
+        self._last = now
 
 
 def _context(rec: StudyRecord, res: dict[str, float]) -> TrialContext:
@@ -76,7 +76,7 @@ def run_study(path: Path, overrides: list[str], name: str | None, address: str |
     """Start a study; ``warm_start`` names an earlier one whose trials Optuna starts from."""
     from ray import tune
 
-    lap = _laps()
+    lap = _Laps()
     study, space = load_study(path, overrides)
     old = StudyRecord.load(warm_start) if warm_start else None
     name = name or f"{Path(path).stem}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -124,7 +124,7 @@ def run_study(path: Path, overrides: list[str], name: str | None, address: str |
                       tracking_uri=uri, experiment_id=exp_id, parent_run_id=parent_run_id,
                       storage_path=study.storage or str(home() / "ray_results"),
                       created=datetime.now().isoformat(timespec="seconds"), data_fingerprint=data.fingerprint(),
-                      start_phases=lap.phases)  # the same dict: the laps after this land in it too
+                      start_phases=lap.phases)
     rec.save()
     try:
         R.log_params(c, rec.parent_run_id, {"study": {k: v for k, v in rec.config.items() if k != "search"},
@@ -140,6 +140,7 @@ def run_study(path: Path, overrides: list[str], name: str | None, address: str |
         finish_study(rec, interrupted=True, seconds=0.0, reason=f"{type(e).__name__}: {e}")
         raise
     lap("tracking")
+    rec.start_phases = dict(lap.phases)  # saved when the trials start (_fit)
     workers = f" x {study.resources_per_trial.workers} workers" if study.resources_per_trial.workers > 1 else ""
     count = f"trials for {study.time_budget_s:g} s" if study.time_budget_s and study.num_trials >= BUDGETED_TRIALS \
         else f"{study.num_trials} trials"
