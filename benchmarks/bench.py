@@ -89,7 +89,8 @@ def run_config(approach: str, quant: str = "nf4", rows: int = 2000, epochs: int 
 
 
 def ours(approach: str, quant: str, rows: int = 2000, epochs: int = 2, batch: int = 64, lr: float | None = None,
-         r: int = 16, eval_file: str = "valid.csv", warm: int = 10, reuse: bool = False, **training):
+         r: int = 16, eval_file: str = "valid.csv", warm: int = 10, reuse: bool = False, every_bucket: bool = False,
+         **training):
     """One run of our Trainer. Besides samples/s over the whole run, the steady rate after ``warm``
     optimizer steps: the same rule the reference recipe is timed by."""
     from trainables.data import load_dataset
@@ -97,7 +98,7 @@ def ours(approach: str, quant: str, rows: int = 2000, epochs: int = 2, batch: in
 
     cfg = run_config(approach, quant, rows, epochs, batch, lr, r, eval_file, **training)
     t0 = time.perf_counter()
-    tr = Trainer(cfg, load_dataset(cfg.data), log=print, reuse=reuse)
+    tr = Trainer(cfg, load_dataset(cfg.data), log=print, reuse=reuse, every_bucket=every_bucket)
     n = tr.examples_per_epoch
     per_epoch = math.ceil(n / batch)
     sizes = ([batch] * (per_epoch - 1) + [n - batch * (per_epoch - 1)]) * epochs
@@ -127,6 +128,8 @@ def ours(approach: str, quant: str, rows: int = 2000, epochs: int = 2, batch: in
             "cuda_graphs": res.history[-1].get("cuda_graphs", 0),
             "graphs_failed": tr.step_graphs.failed if tr.step_graphs is not None else None,
             "graphs_parts": tr.step_graphs.build_parts if tr.step_graphs is not None else None,
+            # each graphed length bucket and its replay's measured seconds (what padding up weighs)
+            "graph_buckets": {k: b.seconds for k, b in tr.step_graphs.graphs.items()} if tr.step_graphs is not None else None,
             "epoch1_train_s": res.history[0]["train_seconds"],
             "epoch2_train_s": res.history[-1]["train_seconds"],
             "total_s": time.perf_counter() - t0, "trainer": tr}
@@ -222,6 +225,10 @@ SPEED_VARIANTS = {
     "head_nf4_b32": ("head", "nf4", {"dequantize_base": False, "batch": 32, "r": 32, "lr": 1e-3}),
     "generation_nf4_b32": ("generation", "nf4", {"dequantize_base": False, "batch": 32, "r": 32, "lr": 1e-3}),
     "head_nf4_b32_reused": ("head", "nf4", {"dequantize_base": False, "batch": 32, "r": 32, "lr": 1e-3, "reuse": True}),
+    # a graph for every length bucket the batches fall in (before session 14: no padding up to a longer graph)
+    "head_nf4_b32_every": ("head", "nf4", {"dequantize_base": False, "batch": 32, "r": 32, "lr": 1e-3, "every_bucket": True}),
+    "generation_nf4_b32_every": ("generation", "nf4", {"dequantize_base": False, "batch": 32, "r": 32, "lr": 1e-3,
+                                                       "every_bucket": True}),
     # training.liger_kernel through the Trainer (needs the Liger wheel beside the bundle)
     "head_nf4_b32_liger": ("head", "nf4", {"dequantize_base": False, "batch": 32, "r": 32, "lr": 1e-3, "liger_kernel": True}),
     "generation_nf4_b32_liger": ("generation", "nf4", {"dequantize_base": False, "batch": 32, "r": 32, "lr": 1e-3,

@@ -61,16 +61,19 @@ def _varied_csv(path) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("approach", ["head", "generation"])
-def test_graphed_training_steps_train_as_the_plain_loop(tmp_path, approach, monkeypatch):
-    """training.cuda_graphs pads every batch to batch_size rows and its length bucket and steps through
+@pytest.mark.parametrize("approach,own", [("head", True), ("generation", True), ("head", False)])
+def test_graphed_training_steps_train_as_the_plain_loop(tmp_path, approach, own, monkeypatch):
+    """training.cuda_graphs pads every batch to batch_size rows and a length bucket and steps through
     StepGraphs: the run's first steps and each bucket's first are eager warm-up steps that train, the
     bucket's next batch is captured and replayed; the last, shorter batch gets filler rows without
-    loss. With captures that record and replays that run the step, the losses and the trained adapter
-    must be those of the plain loop: no step lost to a warm-up or a capture, none taken twice."""
+    loss; a batch whose bucket is not worth a graph (``own`` False: none is) is padded up to the
+    longest. With captures that record and replays that run the step, the losses and the trained
+    adapter must be those of the plain loop: no step lost to a warm-up or a capture, none taken twice."""
     import trainables.step_graphs as SG
 
     monkeypatch.setattr(SG, "capture_graph", capture_eagerly)
+    asked = []
+    monkeypatch.setattr(SG, "worth_own_graph", lambda *a: asked.append(a) or own)
     data = _varied_csv(tmp_path / "varied.csv")
     runs = {}
     for graphs in (False, True):
@@ -86,10 +89,15 @@ def test_graphed_training_steps_train_as_the_plain_loop(tmp_path, approach, monk
     (plain, w0, _), (graphed, w1, tr) = runs[False], runs[True]
     steps = tr.step_graphs
     buckets = steps.graphs.values()
-    assert len(buckets) >= 2 and steps.failed is None, steps.graphs.keys()
-    # each bucket warmed up once (the run twice in all) and, once seen again, replays
-    assert all(b.warm == 1 or b.warm == 2 and len(buckets) == 1 for b in buckets)
-    assert steps.eager_steps == max(SG.WARMUP_RUN, len(buckets)) and steps.captured >= 1
+    longest = bucket_length(max(len(e.input_ids) for e in tr.train_examples))
+    # the first batch builds the longest bucket; the others, their own only where worth it
+    assert len(buckets) >= 2 if own else set(steps.graphs) == {longest}, steps.graphs.keys()
+    assert longest in steps.graphs and steps.failed is None and asked
+    # the decisions weigh measured times: a replay of the longer graph, a bucket's build
+    assert all(n >= 1 and length < up and up_s > 0 and build_s > 0 for n, length, up, up_s, build_s, *_ in asked)
+    # the longest bucket warmed up twice (the run's first two steps), every other once, and, once seen again, replays
+    assert [b.warm for k, b in steps.graphs.items() if k != longest] == [1] * (len(buckets) - 1)
+    assert steps.eager_steps == SG.WARMUP_RUN + len(buckets) - 1 and steps.captured >= 1
     assert metrics[0]["cuda_graphs"] <= metrics[1]["cuda_graphs"] == steps.captured
     # warm-ups and captures are timed, within the epoch's: all of it in the epoch that built the buckets
     assert 0 < metrics[0]["graphs_seconds"] < metrics[0]["train_seconds"], metrics[0]
@@ -98,6 +106,19 @@ def test_graphed_training_steps_train_as_the_plain_loop(tmp_path, approach, monk
     assert all(bucket_length(k) == k for k in steps.graphs)
     assert plain[1] < plain[0] and graphed == pytest.approx(plain, rel=1e-4), (plain, graphed)
     assert max((w0[k] - w1[k]).abs().max().item() for k in w0) < 1e-4
+
+
+def test_a_bucket_gets_its_own_graph_where_the_steps_it_saves_outweigh_building_it():
+    from trainables.step_graphs import worth_own_graph
+
+    # a launch-bound step (SmolLM2-135M on an H200): 96 tokens take barely longer than 16
+    assert not worth_own_graph(200, 48, 96, 0.030, 0.8, 16, 0.028)
+    # through zero, the saving is overstated: half of 30 ms, 200 times, is worth 0.8 s
+    assert worth_own_graph(200, 48, 96, 0.030, 0.8)
+    # an arithmetic-bound step (an 8B model): a few dozen steps at half the length repay it
+    assert worth_own_graph(30, 48, 96, 0.300, 2.0) and not worth_own_graph(10, 48, 96, 0.300, 2.0)
+    # nothing ahead: never
+    assert not worth_own_graph(0, 16, 96, 1.0, 0.0)
 
 
 @pytest.mark.parametrize("approach", ["head", "generation"])

@@ -76,7 +76,7 @@ def measure(run_config: dict, label_names: list[str]) -> Footprint:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(dev)
     before = torch.cuda.memory_reserved(dev)
-    trainer = Trainer(cfg, data, dev=dev, log=lambda *_: None)
+    trainer = Trainer(cfg, data, dev=dev, log=lambda *_: None, every_bucket=True)
     trainer.fit()
     peak = torch.cuda.max_memory_reserved(dev) - before
     del trainer

@@ -152,8 +152,11 @@ class Trainer:
     tokenizer, the tokenized splits and a copy of the quantized base; the run is the same either way."""
 
     def __init__(self, cfg: RunConfig, data: Dataset, dev: torch.device | None = None, log=print,
-                 reuse: bool = False):
+                 reuse: bool = False, every_bucket: bool = False):
         self.cfg, self.data, self.log = cfg, data, log
+        self.every_bucket = every_bucket
+        """Graph every length bucket the batches fall in, never padding up to a longer one (what the
+        ``gpu: auto`` fit must hold: :attr:`StepGraphs.every_bucket`)."""
         self.dev = dev or device()
         self.rank, self.world = D.rank_and_world()
         t = cfg.training
@@ -261,11 +264,14 @@ class Trainer:
         torch.manual_seed(t.seed + self.epoch)
         chosen = epoch_examples(len(self.train_examples), t.epoch_examples, t.seed, self.epoch)
         lengths = [len(self.train_examples[j].input_ids) for j in chosen]
-        batches = [[chosen[k] for k in b] for b in length_grouped_batches(lengths, t.batch_size, t.seed + self.epoch)]
+        by_length = length_grouped_batches(lengths, t.batch_size, t.seed + self.epoch)
+        batches = [[chosen[k] for k in b] for b in by_length]
         total_loss, tokens, t0 = 0.0, 0, time.perf_counter()
         if self.graphs:
             steps = self._graphed_steps()
             built = steps.build_seconds
+            m = t.pad_to_multiple_of or 1  # the columns each batch will have, before bucketing
+            steps.expect([-(-max(lengths[k] for k in b) // m) * m for b in by_length], t.epochs - self.epoch)
             for idx in batches:
                 batch = self.approach.collate([self.train_examples[j] for j in idx], train=True)
                 tokens += int(batch["attention_mask"].sum())
@@ -304,6 +310,7 @@ class Trainer:
                 self.approach.pad_to,
                 self.trainable, self.optimizer, self.cfg.training.max_grad_norm, self.cfg.training.batch_size,
                 self.dev, context=lambda: autocast(self.dev, self.bf16, cache=False), log=self.log)
+            self.step_graphs.every_bucket = self.every_bucket
         return self.step_graphs
 
     def _epoch_metrics(self, total_loss, tokens: int, t0: float) -> dict[str, float]:

@@ -27,14 +27,23 @@ What a graph needs, and gets here:
 A step that a graph cannot hold (an operation that waits on the host, say) fails its capture; the
 run then goes on eagerly, and :attr:`StepGraphs.failed` says why (``log`` gets it, once).
 ``capture=False`` runs the same padded steps eagerly: the CPU tests check it against the plain loop.
+
+Not every bucket earns a graph. Building one costs an eager step and a capture (about 0.8 s for
+SmolLM2-135M on an H200, BENCHMARKS.md), while a small model's replay takes about as long at 48
+tokens as at 96: its kernels are launch-bound. Told the lengths of the batches to come
+(:meth:`StepGraphs.expect`), a batch whose bucket has no graph yet is padded up to the next longer
+bucket that has one, unless its own graph would save more than it costs (:func:`worth_own_graph`,
+from the measured replay and build times). The first batch goes to the longest bucket to come,
+which needs its graph in any case. Padding up keeps the loss (see :meth:`Approach.pad_to`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, ContextManager
+from typing import Callable, ContextManager, Iterable
 
 import torch
 
@@ -44,6 +53,21 @@ Batch = dict[str, torch.Tensor]
 WARMUP_RUN, WARMUP_BUCKET = 2, 1
 """Eager steps before any capture (lazy initialisation: cuBLAS, autograd, the optimizer's state), and
 of each bucket's own shape before its capture (its kernels and workspace)."""
+
+
+TIMED_REPLAYS = 3
+"""Replays of each new graph timed (synchronized; the fastest counts): what a step of its length costs."""
+
+
+def worth_own_graph(steps_ahead: int, length: int, up: int, up_seconds: float, build_seconds: float,
+                    lo: int = 0, lo_seconds: float = 0.0) -> bool:
+    """Whether ``steps_ahead`` steps of ``length`` tokens save more by a graph of their own than the
+    ``build_seconds`` it costs, against padding them up to the ``up``-token graph whose replay takes
+    ``up_seconds``. A step's time is taken as linear in its length, through the shorter graph
+    measured (``lo``, ``lo_seconds``), else through zero (which overstates the saving where launches,
+    not arithmetic, bound a step: so this errs towards building)."""
+    own = lo_seconds + (up_seconds - lo_seconds) * (length - lo) / (up - lo)
+    return steps_ahead * (up_seconds - own) > build_seconds
 
 
 def make_optimizer(params: list[torch.Tensor], lr: float, weight_decay: float, dev: torch.device):
@@ -74,6 +98,11 @@ class StepGraphs:
         self.capture = capture and dev.type == "cuda"
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.graphs: dict[int, _Bucket] = {}
+        self.every_bucket = False
+        """Build each bucket's own graph, never padding up to a longer one (the ``gpu: auto`` fit,
+        which must hold every graph a trial could build)."""
+        self.ahead: Counter[int] = Counter()
+        """Batches still to come per bucket (:meth:`expect`); none known: every bucket its own graph."""
         self.eager_steps = 0
         """Warm-up steps run so far (all buckets)."""
         self.failed: str | None = None
@@ -90,6 +119,29 @@ class StepGraphs:
         self.grads = [p.grad for p in params]
         self._lrs = [g["lr"] for g in optimizer.param_groups]
 
+    def expect(self, lengths: Iterable[int], repeats: int = 1) -> None:
+        """The batches to come, by their lengths (columns before bucketing), ``repeats`` times over
+        (epochs alike): what decides which buckets get a graph of their own."""
+        self.ahead = Counter({k: n * repeats for k, n in Counter(map(bucket_length, lengths)).items()})
+
+    def bucket(self, length: int) -> int:
+        """The bucket a batch of ``length`` columns runs in: its own, or a longer one with a graph,
+        where that costs less than building its own (module docstring)."""
+        key = bucket_length(length)
+        if key in self.graphs or not (self.capture and self.ahead) or self.every_bucket or self.failed is not None:
+            return key
+        longer = [k for k in self.graphs if k > key]
+        if not longer:  # the longest bucket still to come needs its graph anyway: build that one first
+            return max([k for k, n in self.ahead.items() if n > 0 and k > key], default=key)
+        up = self.graphs[min(longer)]
+        if up.seconds is None:  # not yet captured and timed: it takes this batch too
+            return min(longer)
+        shorter = [k for k, b in self.graphs.items() if k < key and b.seconds is not None]
+        lo = max(shorter, default=0)
+        own = worth_own_graph(self.ahead[key], key, min(longer), up.seconds, self.build_seconds / len(self.graphs),
+                              lo, self.graphs[lo].seconds if lo else 0.0)
+        return key if own else min(longer)
+
     def __call__(self, batch: Batch) -> torch.Tensor:
         for g, lr in zip(self.optimizer.param_groups, self._lrs):
             if g["lr"] is not lr:  # a scheduler that assigns instead of filling: the graphs read this tensor
@@ -98,7 +150,8 @@ class StepGraphs:
         rows, length = batch["input_ids"].shape
         if rows > self.rows:
             raise ValueError(f"a batch of {rows} rows; the graphs take at most {self.rows}")
-        key = bucket_length(length)
+        key = self.bucket(length)
+        self.ahead[bucket_length(length)] -= 1
         batch = self.pad(batch, self.rows, key)
         b = self.graphs.get(key)
         if b is None:
@@ -106,7 +159,7 @@ class StepGraphs:
         for k, buf in b.inputs.items():
             buf.copy_(batch[k], non_blocking=True)
         if b.graph is not None:
-            b.graph.replay()
+            self._replay(b)
             return b.loss
         if self.failed is None and (b.warm < WARMUP_BUCKET or self.eager_steps < WARMUP_RUN):
             t0 = time.perf_counter()
@@ -117,7 +170,7 @@ class StepGraphs:
             self._spent("warm_up", t0)
             return loss
         if self.capture and self.failed is None and self._capture(b):
-            b.graph.replay()
+            self._replay(b)
             return b.loss
         with self.context():
             return self._step(b.inputs)
@@ -131,6 +184,19 @@ class StepGraphs:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
         self.optimizer.step()
         return loss.detach()
+
+    def _replay(self, b: _Bucket) -> None:
+        """Replay ``b``'s graph; its first few replays are timed, synchronized (:data:`TIMED_REPLAYS`)."""
+        if b.timed >= TIMED_REPLAYS:
+            b.graph.replay()
+            return
+        t0 = time.perf_counter()
+        b.graph.replay()
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+        took = time.perf_counter() - t0
+        b.seconds = took if b.seconds is None else min(b.seconds, took)
+        b.timed += 1
 
     def _capture(self, b: _Bucket) -> bool:
         """Capture bucket ``b``'s step. A capture runs nothing (its kernels are recorded, not
@@ -171,3 +237,6 @@ class _Bucket:
     """The loss a replay writes."""
     warm: int = 0
     """Eager (warm-up) steps run on this shape."""
+    seconds: float | None = None
+    """A replay's time: the fastest of its first timed ones (None before its first replay)."""
+    timed: int = 0
