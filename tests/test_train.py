@@ -231,6 +231,27 @@ def test_compile_setting_compiles_every_decoder_layer(tiny_csv):
     assert len(layers) == 2 and all(m._compiled_call_impl is not None for m in layers)
 
 
+def test_liger_kernel_auto_is_on_only_where_its_kernels_can_run(monkeypatch):
+    """``training.liger_kernel: auto`` puts Liger's layers in a Llama base on a CUDA GPU with the
+    package installed and no compile; anywhere else it stays off (``true`` fails there instead)."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    from trainables.models import liger_wanted
+
+    llama, other = (SimpleNamespace(config=SimpleNamespace(model_type=t)) for t in ("llama", "mistral"))
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "liger_kernel" else find(name, *a))
+    assert liger_wanted("auto", False, llama, gpu)
+    assert not any(liger_wanted("auto", c, m, d) for c, m, d in [(False, llama, cpu), (True, llama, gpu), (False, other, gpu)])
+    assert liger_wanted(True, False, llama, cpu) and not liger_wanted(False, False, llama, gpu)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel" else find(name, *a))
+    assert not liger_wanted("auto", False, llama, gpu)  # not installed
+    # the default is auto: a CPU trainer builds a plain model
+    assert RunConfig.model_validate(tiny_config("x.csv")).training.liger_kernel == "auto"
+
+
 @pytest.mark.parametrize("approach", ["head", "generation"])
 def test_reused_worker_trains_exactly_like_a_fresh_one(tiny_csv, approach):
     """Trials in a reused Ray worker share the cached tokenizer and tokenized splits and copy a cached

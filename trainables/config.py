@@ -62,12 +62,14 @@ class TrainingSettings(Strict):
     learns the same thing; 1.3-1.4x samples/s for SmolLM2-135M on an H200). It costs the memory of
     an unquantized base, so ``auto`` does it on a GPU only where that base takes at most 10% of the
     card (a 1B model on an 80 GB card, not an 8B one); never on the CPU."""
-    liger_kernel: bool = False
+    liger_kernel: Literal["auto", True, False] = "auto"
     """Liger Kernel's fused Triton kernels for a Llama base's RMSNorm, SwiGLU and RoPE (``pip install
     'qlora-tune[liger]'``; a CUDA GPU): fewer, larger kernels per layer. On an H200, NF4 + LoRA
-    training of the Llama-3-8B shape reached 45% MFU with them (BENCHMARKS.md, issue 14). Liger
-    patches transformers' Llama module too, so Llama models built later in the same process use its
-    layers as well. Not with ``compile``."""
+    training of the Llama-3-8B shape reached 45% MFU with them, and SmolLM2-135M's graphed steps 1.28x
+    the samples/s (BENCHMARKS.md, issue 14). ``auto``: on wherever they can run (a CUDA GPU, a Llama
+    base, the package installed, no ``compile``); ``true`` fails where they cannot. Liger patches
+    transformers' Llama module too, so Llama models built later in the same process use its layers
+    as well."""
     seed: int = 42
     bf16: Literal["auto", True, False] = "auto"
     select: Literal["best", "last"] = "best"
@@ -82,7 +84,7 @@ class TrainingSettings(Strict):
 
     @model_validator(mode="after")
     def _graphable(self):
-        if self.liger_kernel and self.compile:
+        if self.liger_kernel is True and self.compile:
             raise ValueError("liger_kernel and compile cannot be combined (torch.compile does not trace Liger's kernels)")
         if self.cuda_graphs is True and self.graph_clashes():
             raise ValueError(f"cuda_graphs: true needs grad_accum 1, optimizer adamw, compile false and "

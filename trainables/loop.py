@@ -46,6 +46,7 @@ from trainables.models import (
     dequantize_base_wanted,
     dequantized,
     device,
+    liger_wanted,
     load_base,
     load_tokenizer,
     lora_inputs_uncast,
@@ -178,7 +179,7 @@ class Trainer:
         self.dequantized_base = dequantize_base_wanted(t.dequantize_base, cfg.quantization, base, self.dev)
         if self.dequantized_base:
             base = dequantized(base)
-        if t.liger_kernel:
+        if liger_wanted(t.liger_kernel, t.compile, base, self.dev):
             apply_liger(base, self.dev)
         t0 = self._lap("base", t0)
         seed_everything(t.seed)  # new weights and adapters start from the seed, however the base was obtained

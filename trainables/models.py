@@ -265,6 +265,17 @@ def dequantized(base):
     return base.dequantize() if getattr(base, "hf_quantizer", None) is not None else base
 
 
+def liger_wanted(setting, compiled: bool, model, dev: torch.device) -> bool:
+    """Whether to put Liger Kernel's layers in ``model`` (``training.liger_kernel``): ``auto`` where
+    they can run, ``true`` always (:func:`apply_liger` then says why where they cannot)."""
+    if setting != "auto":
+        return bool(setting)
+    import importlib.util
+
+    return (dev.type == "cuda" and not compiled and model.config.model_type == "llama"
+            and importlib.util.find_spec("liger_kernel") is not None)
+
+
 def apply_liger(model, dev: torch.device) -> None:
     """Liger Kernel's RMSNorm, SwiGLU and RoPE in ``model``'s layers (``training.liger_kernel``), through
     its public ``apply_liger_kernel_to_llama``; a clear error where they cannot run."""
