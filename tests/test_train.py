@@ -254,9 +254,9 @@ def test_liger_kernel_auto_is_on_only_where_its_kernels_can_run(monkeypatch):
 
 @pytest.mark.parametrize("approach", ["head", "generation"])
 def test_reused_worker_trains_exactly_like_a_fresh_one(tiny_csv, approach):
-    """Trials in a reused Ray worker share the cached tokenizer and tokenized splits and copy a cached
-    NF4 base: the adapter and head they train must be the same as from a fresh load, and the caches
-    must stay pristine."""
+    """Trials in a reused Ray worker share the cached tokenizer and tokenized splits, and the model
+    with adapters that the previous trial built and trained, its trainable weights made fresh again:
+    the adapter and head they train must be the same as from a fresh load."""
     from trainables import worker_cache
 
     cfg = RunConfig.model_validate(tiny_config(tiny_csv, approach=approach))
@@ -264,13 +264,17 @@ def test_reused_worker_trains_exactly_like_a_fresh_one(tiny_csv, approach):
     fresh = Trainer(cfg, load_dataset(cfg.data), log=lambda *_: None)
     fresh.fit()
     runs, examples = [], []
-    for _ in range(2):  # the second run reuses what the first one cached (and trained on top of)
+    models = []
+    for _ in range(2):  # the second run reuses what the first one cached, its model trained by the first
         tr = Trainer(cfg, load_dataset(cfg.data), log=lambda *_: None, reuse=True)
+        models.append(tr.model)
         tr.fit()
         runs.append(tr.trainable_state())
         examples.append(tr.encoded["train"])
         assert tr.train_examples == fresh.train_examples
-    assert [worker_cache.entries(s) for s in ("tokenizer", "encoded", "base")] == [1, 3, 1]  # train, eval, test
+    # train, eval, test; the base kept pristine, and the model with adapters the second run trained again
+    assert [worker_cache.entries(s) for s in ("tokenizer", "encoded", "base", "model")] == [1, 3, 1, 1]
+    assert models[0] is models[1]
     assert examples[0] is examples[1] and examples[0] == fresh.encoded["train"]
     other = RunConfig.model_validate(tiny_config(tiny_csv, approach=approach, **{"training.max_length": 12}))
     shorter = Trainer(other, load_dataset(other.data), log=lambda *_: None, reuse=True).train_examples

@@ -8,6 +8,7 @@ What is approach-specific (model class, loss, scoring) comes from :mod:`trainabl
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -25,7 +26,6 @@ from trainables import layout as L
 from trainables import metrics as M
 from trainables.approaches import (
     Example,
-    approach_class,
     autocast,
     batched_log_scores,
     decision_loss,
@@ -42,14 +42,17 @@ from trainables.errors import InputError
 from trainables.models import (
     apply_liger,
     attach_lora,
+    base_key,
     compile_layers,
     dequantize_base_wanted,
     dequantized,
     device,
+    fresh_weights,
     liger_wanted,
     load_base,
     load_tokenizer,
     lora_inputs_uncast,
+    pristine_base,
     resolve_model,
 )
 from trainables.paths import build_atomically
@@ -174,22 +177,7 @@ class Trainer:
         self.encoded = {name: self._encode(split, reuse) for name, split in data.splits().items()}
         self.train_examples = self.approach.training_examples(self.encoded["train"])
         t0 = self._lap("data", t0)
-        base = load_base(cfg, self.model_path, len(data.label_names), self.tokenizer.pad_token_id, self.dev,
-                         reuse=reuse)
-        self.dequantized_base = dequantize_base_wanted(t.dequantize_base, cfg.quantization, base, self.dev)
-        if self.dequantized_base:
-            base = dequantized(base)
-        if liger_wanted(t.liger_kernel, t.compile, base, self.dev):
-            apply_liger(base, self.dev)
-        t0 = self._lap("base", t0)
-        seed_everything(t.seed)  # new weights and adapters start from the seed, however the base was obtained
-        approach_class(cfg.approach).init_weights(base)
-        self.model = attach_lora(base, cfg)
-        if self.bf16:
-            lora_inputs_uncast(self.model)
-        if t.compile:
-            compile_layers(self.model)
-        t0 = self._lap("adapters", t0)
+        self.model = self._model(reuse, t0)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         D.broadcast_(self.trainable)
         weights = self.approach.class_weights(data.train.labels)
@@ -214,6 +202,47 @@ class Trainer:
         self.last_eval: tuple[int, dict] | None = None
         """The newest evaluation of the eval split: (epoch, report)."""
         self.setup_seconds = sum(self.setup_parts.values())
+
+    def _model(self, reuse: bool, t0: float):
+        """The base with LoRA attached, every trainable weight fresh from the seed (laps ``base`` and
+        ``adapters``). With ``reuse``, the model an earlier run in this process built with the same
+        base and adapters (:data:`worker_cache.SIZES`), given fresh weights again; a copy of the
+        process's pristine base where none is kept. Never with ``compile`` (compiled layers stay
+        with the run that compiled them)."""
+        cfg, t = self.cfg, self.cfg.training
+        args = (cfg, self.model_path, len(self.data.label_names), self.tokenizer.pad_token_id, self.dev)
+        base = pristine_base(*args) if reuse else load_base(*args)
+        self.dequantized_base = dequantize_base_wanted(t.dequantize_base, cfg.quantization, base, self.dev)
+        liger = liger_wanted(t.liger_kernel, t.compile, base, self.dev)
+        since = [t0]
+
+        def build(base):
+            if reuse:
+                base = copy.deepcopy(base)
+            if self.dequantized_base:
+                base = dequantized(base)
+            if liger:
+                apply_liger(base, self.dev)
+            since[0] = self._lap("base", t0)
+            model = attach_lora(base, cfg)
+            if self.bf16:
+                lora_inputs_uncast(model)
+            return model
+
+        if reuse and not t.compile:
+            key = (base_key(*args), self.dequantized_base, liger, cfg.lora.model_dump_json(),
+                   t.gradient_checkpointing, self.bf16)
+            model = cached("model", key, lambda: build(base))
+        else:
+            model = build(base)
+        if "base" not in self.setup_parts:  # a kept model: no base to make
+            since[0] = self._lap("base", t0)
+        fresh_weights(model, cfg.approach, t.seed)
+        seed_everything(t.seed)  # what draws at random later draws the same, however the model was obtained
+        if t.compile:
+            compile_layers(model)
+        self._lap("adapters", since[0])
+        return model
 
     def _lap(self, part: str, since: float) -> float:
         """Record the seconds since ``since`` as set-up part ``part`` (on a GPU, once its work is done)."""

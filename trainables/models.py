@@ -220,18 +220,29 @@ def quantization_config(cfg: RunConfig, dev: torch.device, skip: list[str]):
 def load_base(cfg: RunConfig, path: Path, num_labels: int, pad_token_id: int, dev: torch.device | None = None,
               reuse: bool = False):
     """The frozen base model for ``cfg.approach``, loaded and quantized as that approach asks (a head
-    stays unquantized: the trainer gives it fresh weights through ``Approach.init_weights``).
+    stays unquantized: :func:`fresh_weights` gives it fresh weights once LoRA is attached).
 
-    ``reuse`` keeps a pristine (quantized) copy per process and approach and hands out copies of
-    it: a Ray worker that runs trial after trial loads and quantizes the base once."""
+    ``reuse`` hands out a copy of :func:`pristine_base`: a Ray worker that runs trial after trial
+    loads and quantizes the base once."""
     import copy
 
     dev = dev or device()
     if not reuse:
         return _load_base(cfg, path, num_labels, pad_token_id, dev)
-    key = (str(path), cfg.approach, cfg.quantization, str(compute_dtype(cfg, dev)), num_labels, pad_token_id,
-           str(dev), cfg.trust_remote_code)
-    return copy.deepcopy(cached("base", key, lambda: _load_base(cfg, path, num_labels, pad_token_id, dev)))
+    return copy.deepcopy(pristine_base(cfg, path, num_labels, pad_token_id, dev))
+
+
+def base_key(cfg: RunConfig, path: Path, num_labels: int, pad_token_id: int, dev: torch.device) -> tuple:
+    """Everything that shapes the base :func:`load_base` gives."""
+    return (str(path), cfg.approach, cfg.quantization, str(compute_dtype(cfg, dev)), num_labels, pad_token_id,
+            str(dev), cfg.trust_remote_code)
+
+
+def pristine_base(cfg: RunConfig, path: Path, num_labels: int, pad_token_id: int, dev: torch.device):
+    """The base this process keeps per approach (:mod:`trainables.worker_cache`), never trained or
+    changed: callers copy it before use."""
+    return cached("base", base_key(cfg, path, num_labels, pad_token_id, dev),
+                  lambda: _load_base(cfg, path, num_labels, pad_token_id, dev))
 
 
 def _load_base(cfg: RunConfig, path: Path, num_labels: int, pad_token_id: int, dev: torch.device):
@@ -350,6 +361,27 @@ def attach_lora(model, cfg: RunConfig):
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
     return peft_model
+
+
+def fresh_weights(model, approach: str, seed: int) -> None:
+    """Give every trainable weight of ``model`` (a base with LoRA attached) its starting value from
+    ``seed`` alone: LoRA's A as peft initialises it (Kaiming-uniform), B zero, and the approach's own
+    trainable weights (:meth:`Approach.init_weights`). Drawn from a generator of the seed's own, so a
+    model built afresh and one a reused worker built for an earlier trial start the same."""
+    from peft.tuners.lora import LoraLayer
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                for a in module.lora_A.values():
+                    w = torch.empty(a.weight.shape, dtype=torch.float32)
+                    a.weight.copy_(torch.nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=g))
+                for b in module.lora_B.values():
+                    b.weight.zero_()
+        approach_class(approach).init_weights(model, g)
+        for p in model.parameters():
+            p.grad = None
 
 
 def lora_inputs_uncast(model) -> int:

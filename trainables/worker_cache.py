@@ -13,8 +13,10 @@ from typing import Any, Callable, Hashable, TypeVar
 
 T = TypeVar("T")
 
-SIZES = {"tokenizer": 2, "encoded": 8, "base": 2}
-"""Entries kept per store: a study alternates between two approaches, each with train and eval splits."""
+SIZES = {"tokenizer": 2, "encoded": 8, "base": 2, "model": 1}
+"""Entries kept per store: a study alternates between two approaches, each with train and eval splits.
+One model with adapters (the last run's, trained weights and all): a process then holds what it held
+when each run copied the base, the pristine base and one working model."""
 
 _STORES: dict[str, OrderedDict] = {}
 

@@ -67,9 +67,9 @@ class Approach:
         return AutoModelForCausalLM.from_pretrained(path, **kw)
 
     @classmethod
-    def init_weights(cls, model) -> None:
-        """Give the model's newly created (trainable, non-LoRA) weights fresh values from the current
-        random state. Nothing by default."""
+    def init_weights(cls, model, generator: torch.Generator) -> None:
+        """Give the trainable weights of ``model`` (LoRA attached) that are not LoRA's their starting
+        values, drawn from ``generator``. Nothing by default."""
 
     # ---------------------------------------------------------------- data
 

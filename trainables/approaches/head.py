@@ -35,9 +35,15 @@ class HeadApproach(Approach):
             path, num_labels=num_labels, pad_token_id=pad_token_id, **kw)
 
     @classmethod
-    def init_weights(cls, model) -> None:
+    def init_weights(cls, model, generator) -> None:
+        """The head peft trains (its copy of ``score``, a module to save): normal, the model's
+        ``initializer_range`` wide."""
+        score = model.get_base_model().score
+        score = score.modules_to_save[model.active_adapter] if hasattr(score, "modules_to_save") else score
+        w = torch.empty(score.weight.shape, dtype=torch.float32)
         with torch.no_grad():
-            torch.nn.init.normal_(model.score.weight, std=getattr(model.config, "initializer_range", 0.02))
+            score.weight.copy_(torch.nn.init.normal_(w, std=getattr(model.config, "initializer_range", 0.02),
+                                                     generator=generator))
 
     def encode(self, texts, labels=None):
         ids = self._tokenize(texts, self.max_length)
