@@ -22,6 +22,7 @@ from typing import Any
 
 from trainables import layout as L
 from trainables import params as P
+from trainables import worker_cache
 from trainables.errors import OOM_REASON, OutOfGPUMemory
 
 
@@ -157,6 +158,7 @@ def _train(params: dict[str, Any], ctx: TrialContext, trial_id: str, trial_name:
     except torch.cuda.OutOfMemoryError as e:
         out_of_memory = (f"{OOM_REASON} with training.batch_size {cfg.training.batch_size} and "
                          f"training.max_length {cfg.training.max_length} ({str(e).splitlines()[0][:200]})")
+        worker_cache.clear("model")  # the model a reused worker keeps goes too: the next trial builds its own
     finally:  # the error's frames (and the tensors they hold) are gone by now: free the memory
         del trainer
         import gc
