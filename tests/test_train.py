@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import torch
@@ -266,7 +267,9 @@ def test_reused_worker_trains_exactly_like_a_fresh_one(tiny_csv, approach):
     runs, examples = [], []
     models = []
     for _ in range(2):  # the second run reuses what the first one cached, its model trained by the first
-        tr = Trainer(cfg, load_dataset(cfg.data), log=lambda *_: None, reuse=True)
+        data, t0 = load_dataset(cfg.data), time.perf_counter()
+        tr = Trainer(cfg, data, log=lambda *_: None, reuse=True)
+        assert 0 < tr.setup_seconds <= time.perf_counter() - t0, tr.setup_parts  # each part counted once
         models.append(tr.model)
         tr.fit()
         runs.append(tr.trainable_state())

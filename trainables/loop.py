@@ -177,7 +177,7 @@ class Trainer:
         self.encoded = {name: self._encode(split, reuse) for name, split in data.splits().items()}
         self.train_examples = self.approach.training_examples(self.encoded["train"])
         t0 = self._lap("data", t0)
-        self.model = self._model(reuse, t0)
+        self.model, t0 = self._model(reuse, t0)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         D.broadcast_(self.trainable)
         weights = self.approach.class_weights(data.train.labels)
@@ -205,7 +205,7 @@ class Trainer:
 
     def _model(self, reuse: bool, t0: float):
         """The base with LoRA attached, every trainable weight fresh from the seed (laps ``base`` and
-        ``adapters``). With ``reuse``, the model an earlier run in this process built with the same
+        ``adapters`` from ``t0``; returns the model and the time of its last lap). With ``reuse``, the model an earlier run in this process built with the same
         base and adapters (:data:`worker_cache.SIZES`), given fresh weights again; a copy of the
         process's pristine base where none is kept. Never with ``compile`` (compiled layers stay
         with the run that compiled them)."""
@@ -241,8 +241,7 @@ class Trainer:
         seed_everything(t.seed)  # what draws at random later draws the same, however the model was obtained
         if t.compile:
             compile_layers(model)
-        self._lap("adapters", since[0])
-        return model
+        return model, self._lap("adapters", since[0])
 
     def _lap(self, part: str, since: float) -> float:
         """Record the seconds since ``since`` as set-up part ``part`` (on a GPU, once its work is done)."""
