@@ -205,10 +205,10 @@ class Trainer:
 
     def _model(self, reuse: bool, t0: float):
         """The base with LoRA attached, every trainable weight fresh from the seed (laps ``base`` and
-        ``adapters`` from ``t0``; returns the model and the time of its last lap). With ``reuse``, the model an earlier run in this process built with the same
-        base and adapters (:data:`worker_cache.SIZES`), given fresh weights again; a copy of the
-        process's pristine base where none is kept. Never with ``compile`` (compiled layers stay
-        with the run that compiled them)."""
+        ``adapters`` from ``t0``; returns the model and the time of its last lap). With ``reuse``,
+        the model an earlier run in this process built with the same base and adapters
+        (:data:`worker_cache.SIZES`), given fresh weights again, else one built on a copy of the
+        process's pristine base. Never kept with ``compile`` (compiled layers stay with their run)."""
         cfg, t = self.cfg, self.cfg.training
         args = (cfg, self.model_path, len(self.data.label_names), self.tokenizer.pad_token_id, self.dev)
         base = pristine_base(*args) if reuse else load_base(*args)

@@ -217,19 +217,12 @@ def quantization_config(cfg: RunConfig, dev: torch.device, skip: list[str]):
     )
 
 
-def load_base(cfg: RunConfig, path: Path, num_labels: int, pad_token_id: int, dev: torch.device | None = None,
-              reuse: bool = False):
+def load_base(cfg: RunConfig, path: Path, num_labels: int, pad_token_id: int, dev: torch.device | None = None):
     """The frozen base model for ``cfg.approach``, loaded and quantized as that approach asks (a head
-    stays unquantized: :func:`fresh_weights` gives it fresh weights once LoRA is attached).
-
-    ``reuse`` hands out a copy of :func:`pristine_base`: a Ray worker that runs trial after trial
-    loads and quantizes the base once."""
-    import copy
-
+    stays unquantized: :func:`fresh_weights` gives it fresh weights once LoRA is attached). A Ray
+    worker that runs trial after trial keeps one instead (:func:`pristine_base`)."""
     dev = dev or device()
-    if not reuse:
-        return _load_base(cfg, path, num_labels, pad_token_id, dev)
-    return copy.deepcopy(pristine_base(cfg, path, num_labels, pad_token_id, dev))
+    return _load_base(cfg, path, num_labels, pad_token_id, dev)
 
 
 def base_key(cfg: RunConfig, path: Path, num_labels: int, pad_token_id: int, dev: torch.device) -> tuple:
