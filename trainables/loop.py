@@ -13,6 +13,7 @@ import json
 import math
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -144,6 +145,26 @@ def _make_optimizer(cfg: RunConfig, params, dev: torch.device, graphs: bool = Fa
     return cls(params, lr=t.learning_rate, weight_decay=t.weight_decay)
 
 
+
+_ENCODER: ThreadPoolExecutor | None = None
+
+
+def _encoder() -> ThreadPoolExecutor:
+    """The process's one tokenizing thread: splits are encoded while the model is built and trained
+    (the tokenizers library lets go of the GIL while it encodes), and one thread at a time, since a
+    tokenizer that a reused worker shares between runs must not encode in two threads at once."""
+    global _ENCODER
+    if _ENCODER is None:
+        _ENCODER = ThreadPoolExecutor(1, thread_name_prefix="encode")
+    return _ENCODER
+
+
+class _Encoded(dict):
+    """Split name -> its encoding (a future); reading an entry waits for it."""
+
+    def __getitem__(self, name: str) -> list[Example]:
+        return super().__getitem__(name).result()
+
 class Trainer:
     """A loaded base with LoRA adapters, the encoded data, and the optimizer: one run.
 
@@ -174,10 +195,14 @@ class Trainer:
         self.model_path = resolve_model(cfg.model)
         self.tokenizer = load_tokenizer(self.model_path, cfg.trust_remote_code, reuse=reuse)
         self.approach = make_approach(self.tokenizer, data.label_names, cfg)
-        self.encoded = {name: self._encode(split, reuse) for name, split in data.splits().items()}
-        self.train_examples = self.approach.training_examples(self.encoded["train"])
+        splits = sorted(data.splits().items(), key=lambda kv: kv[0] != "train")  # the training split first
+        self.encoded = _Encoded({name: _encoder().submit(self._encode, split, reuse) for name, split in splits})
+        """Each split's examples, encoded in the background while the model is built (and, past the
+        training split, while it trains)."""
         t0 = self._lap("data", t0)
         self.model, t0 = self._model(reuse, t0)
+        self.train_examples = self.approach.training_examples(self.encoded["train"])
+        t0 = self._lap("data", t0)  # the wait for the training split, if any
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         D.broadcast_(self.trainable)
         weights = self.approach.class_weights(data.train.labels)
@@ -244,11 +269,11 @@ class Trainer:
         return model, self._lap("adapters", since[0])
 
     def _lap(self, part: str, since: float) -> float:
-        """Record the seconds since ``since`` as set-up part ``part`` (on a GPU, once its work is done)."""
+        """Add the seconds since ``since`` to set-up part ``part`` (on a GPU, once its work is done)."""
         if self.dev.type == "cuda":
             torch.cuda.synchronize(self.dev)
         now = time.perf_counter()
-        self.setup_parts[part] = now - since
+        self.setup_parts[part] = self.setup_parts.get(part, 0.0) + now - since
         return now
 
     # ----------------------------------------------------------------- pieces

