@@ -1,6 +1,7 @@
 """A quick check, on a GPU node, of the code paths no CPU test can reach:
 - ``worker_device``: a Ray worker given no GPU computes on the CPU, one given a share on its GPU;
-- ``resources_per_trial.gpu: auto`` left to its default: every approach measured in one Ray task.
+- ``resources_per_trial.gpu: auto`` left to its default: every approach measured in one Ray task;
+- a CUDA graph capture that fails leaves dropout working eagerly (compat.release_generator_from_capture).
 
     bash benchmarks/gpu_run.sh check_gpu_paths.py
 """
@@ -15,7 +16,24 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def failed_capture_then_dropout() -> None:
+    """A capture spoiled by a host sync inside it, then eager dropout: it raises unless the capture's
+    failure released the generator (trainables.graphs.capture_graph does)."""
+    import torch
+
+    from trainables.graphs import capture_graph
+
+    x = torch.ones(64, device="cuda")
+    try:
+        capture_graph(lambda: torch.nn.functional.dropout(x, 0.5).sum() + x.sum().item(), None)
+        print("failed capture: the capture did not fail (check not run)")
+    except Exception as e:  # noqa: BLE001
+        kept = torch.nn.functional.dropout(x, 0.5).count_nonzero().item()
+        print(f"failed capture ({type(e).__name__}) then eager dropout: ok ({kept} of 64 kept)", flush=True)
+
+
 def main() -> None:
+    failed_capture_then_dropout()
     import ray
     import yaml
 

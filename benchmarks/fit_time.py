@@ -2,11 +2,13 @@
 the imports, then each approach's fit (tuner.packing.resolve_auto_gpu's task, timed by parts).
 
     python benchmarks/fit_time.py benchmarks/multigpu.yaml model=/tmp/rs
+    FIT_NO_CUDNN_SDP=1 python benchmarks/fit_time.py ...     # attention without cuDNN's kernels
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -21,6 +23,9 @@ from tuner.packing import largest_settings  # noqa: E402
 from tuner.study_config import load_study  # noqa: E402
 
 out = {"imports_s": time.perf_counter() - t0}
+if os.environ.get("FIT_NO_CUDNN_SDP"):
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    out["cudnn_sdp"] = False
 study, space = load_study(sys.argv[1], sys.argv[2:])
 labels = list(study.data.label_names)
 fit = Trainer.fit
@@ -33,7 +38,8 @@ def timed_fit(self, *a, **k):
     h = res.history[-1]
     parts.update(setup_s=self.setup_seconds, setup_parts=self.setup_parts, fit_s=time.perf_counter() - t,
                  train_s=h["train_seconds"], graphs_s=h.get("graphs_seconds"), graphs=h.get("cuda_graphs"),
-                 eval_s=h.get("eval_seconds"))
+                 eval_s=h.get("eval_seconds"),
+                 graphs_parts=self.step_graphs.build_parts if self.step_graphs is not None else None)
     return res
 
 

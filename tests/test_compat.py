@@ -96,6 +96,15 @@ def test_ray_token_auth_helper_exists_and_respects_an_explicit_mode(monkeypatch)
     assert compat.enable_ray_token_auth_if_available() is False
 
 
+def test_a_failed_captures_generator_release_uses_torchs_public_generator_methods():
+    """What it does is checked on a GPU (benchmarks/check_gpu_paths.py: dropout after a capture that
+    failed); here, that its methods exist and that without CUDA there is nothing to release."""
+    import torch
+
+    assert compat.release_generator_from_capture() is torch.cuda.is_available()
+    assert callable(torch.Generator.clone_state) and callable(torch.Generator.graphsafe_set_state)
+
+
 def test_every_compat_helper_is_tested_here():
     """A helper added to compat without a test here fails this test."""
     helpers = [n for n, f in inspect.getmembers(compat, inspect.isfunction)

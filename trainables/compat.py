@@ -129,3 +129,25 @@ def tell_optuna_pruned(searcher, trial_id: str) -> bool:
         return False
     searcher._ot_study.tell(ot_trial, None, state=TrialState.PRUNED)
     return True
+
+
+# ------------------------------------------------------------------ torch: a CUDA graph capture that fails
+#
+# ``torch.cuda.graph`` puts the current device's default CUDA generator into capture mode when a capture
+# begins, and takes it out in ``capture_end`` after ``cudaStreamEndCapture``. When that call fails (the
+# capture was invalidated), the generator stays in capture mode, and every later random op outside a
+# capture (dropout) raises "Offset increment outside graph capture encountered unexpectedly": a run
+# that meant to go on eagerly cannot. A clone of the generator's state has its seed and offset but
+# not that mode (``CUDAGeneratorState::clone``); the public ``Generator.graphsafe_set_state`` installs it.
+
+
+def release_generator_from_capture() -> bool:
+    """Take the current CUDA device's default generator out of a capture that ended in an error,
+    keeping its seed and offset. Returns whether there was a CUDA generator to release."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    gen = torch.cuda.default_generators[torch.cuda.current_device()]
+    gen.graphsafe_set_state(gen.clone_state())
+    return True

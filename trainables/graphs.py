@@ -21,6 +21,8 @@ from typing import Callable, ContextManager, TypeVar
 
 import torch
 
+from trainables.compat import release_generator_from_capture
+
 Batch = dict[str, torch.Tensor]
 T = TypeVar("T")
 MIN_LENGTH = 16
@@ -66,10 +68,17 @@ def warm_up(fn: Callable[[], T], dev: torch.device, times: int = 2) -> T:
 
 
 def capture_graph(fn: Callable[[], torch.Tensor], pool) -> tuple[object, torch.Tensor]:
-    """``fn``'s CUDA work as a graph (in memory ``pool``), and its output: the tensor each replay rewrites."""
+    """``fn``'s CUDA work as a graph (in memory ``pool``), and its output: the tensor each replay rewrites.
+    Only this thread's CUDA calls can spoil the capture (``thread_local``): a trial process has other
+    threads (Ray's, MLflow's) whose work, or garbage collection, may touch the device meanwhile.
+    A capture that fails leaves the device's random generator fit for the eager steps that follow."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        out = fn()
+    try:
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            out = fn()
+    except Exception:
+        release_generator_from_capture()
+        raise
     return graph, out
 
 

@@ -150,20 +150,14 @@ _ENCODER: ThreadPoolExecutor | None = None
 
 
 def _encoder() -> ThreadPoolExecutor:
-    """The process's one tokenizing thread: splits are encoded while the model is built and trained
-    (the tokenizers library lets go of the GIL while it encodes), and one thread at a time, since a
-    tokenizer that a reused worker shares between runs must not encode in two threads at once."""
+    """The process's one tokenizing thread: splits are encoded while the model is built (the
+    tokenizers library lets go of the GIL while it encodes), one at a time, since a tokenizer that a
+    reused worker shares between runs must not encode in two threads at once."""
     global _ENCODER
     if _ENCODER is None:
         _ENCODER = ThreadPoolExecutor(1, thread_name_prefix="encode")
     return _ENCODER
 
-
-class _Encoded(dict):
-    """Split name -> its encoding (a future); reading an entry waits for it."""
-
-    def __getitem__(self, name: str) -> list[Example]:
-        return super().__getitem__(name).result()
 
 class Trainer:
     """A loaded base with LoRA adapters, the encoded data, and the optimizer: one run.
@@ -196,13 +190,14 @@ class Trainer:
         self.tokenizer = load_tokenizer(self.model_path, cfg.trust_remote_code, reuse=reuse)
         self.approach = make_approach(self.tokenizer, data.label_names, cfg)
         splits = sorted(data.splits().items(), key=lambda kv: kv[0] != "train")  # the training split first
-        self.encoded = _Encoded({name: _encoder().submit(self._encode, split, reuse) for name, split in splits})
-        """Each split's examples, encoded in the background while the model is built (and, past the
-        training split, while it trains)."""
+        pending = {name: _encoder().submit(self._encode, split, reuse) for name, split in splits}
         t0 = self._lap("data", t0)
-        self.model, t0 = self._model(reuse, t0)
+        self.model, t0 = self._model(reuse, t0)  # while the splits are encoded in the background
+        self.encoded = {name: job.result() for name, job in pending.items()}
+        """Each split's examples. All are ready before training starts: the tokenizing thread is idle
+        then, and runs no Python (nor its garbage collection) while a CUDA graph is captured."""
         self.train_examples = self.approach.training_examples(self.encoded["train"])
-        t0 = self._lap("data", t0)  # the wait for the training split, if any
+        t0 = self._lap("data", t0)  # the wait for the encodings, if any
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         D.broadcast_(self.trainable)
         weights = self.approach.class_weights(data.train.labels)
