@@ -210,7 +210,8 @@ class StepGraphs:
             return True
         except Exception as e:  # noqa: BLE001 - a step graphs cannot hold: train eagerly instead
             b.graph = None
-            self.failed = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+            length = b.inputs["input_ids"].shape[1]
+            self.failed = f"bucket {length}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
             self.log(f"training.cuda_graphs: a step could not be captured ({self.failed}); "
                      "training goes on without graphs")
             return False
