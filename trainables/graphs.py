@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import os
 from dataclasses import dataclass
 from typing import Callable, ContextManager, TypeVar
 
@@ -75,10 +74,9 @@ def capture_graph(fn: Callable[[], torch.Tensor], pool) -> tuple[object, torch.T
     threads (Ray's, MLflow's) whose work, or garbage collection, may touch the device meanwhile.
     A capture that fails leaves the device's random generator fit for the eager steps that follow."""
     graph = torch.cuda.CUDAGraph()
-    mode = os.environ.get("QLORA_TUNE_CAPTURE_MODE", "thread_local")
     collecting = gc.isenabled()
     try:
-        with torch.cuda.graph(graph, pool=pool, capture_error_mode=mode):
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             gc.disable()  # no finalizer of an earlier run's objects runs CUDA work inside the capture
             out = fn()
     except Exception:
