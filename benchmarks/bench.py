@@ -229,6 +229,13 @@ SPEED_VARIANTS = {
     "generation_nf4_b32_reused": ("generation", "nf4", {"dequantize_base": False, "batch": 32, "r": 32, "lr": 1e-3,
                                                         "reuse": True}),
     # a graph for every length bucket the batches fall in (before session 14: no padding up to a longer graph)
+    # the base dequantized (what dequantize_base: auto does for SmolLM2 on an H200), LoRA fused (the
+    # default, training.fused_lora) or peft's own forward
+    "head_deq_b32": ("head", "nf4", {"dequantize_base": True, "batch": 32, "r": 32, "lr": 1e-3}),
+    "generation_deq_b32": ("generation", "nf4", {"dequantize_base": True, "batch": 32, "r": 32, "lr": 1e-3}),
+    "head_deq_b32_unfused": ("head", "nf4", {"dequantize_base": True, "batch": 32, "r": 32, "lr": 1e-3, "fused_lora": False}),
+    "generation_deq_b32_unfused": ("generation", "nf4", {"dequantize_base": True, "batch": 32, "r": 32, "lr": 1e-3,
+                                                         "fused_lora": False}),
     "head_nf4_b32_every": ("head", "nf4", {"dequantize_base": False, "batch": 32, "r": 32, "lr": 1e-3, "every_bucket": True}),
     "generation_nf4_b32_every": ("generation", "nf4", {"dequantize_base": False, "batch": 32, "r": 32, "lr": 1e-3,
                                                        "every_bucket": True}),
@@ -421,7 +428,8 @@ def dequantize_layers(model) -> None:
     torch.cuda.empty_cache()
 
 
-OURS_MFU = dict(batch=32, seq=256, ckpt=False, targets="all-linear", autocast=True, mode="eager", deq=False, liger=False)
+OURS_MFU = dict(batch=32, seq=256, ckpt=False, targets="all-linear", autocast=True, mode="eager", deq=False, liger=False,
+                fused=False)
 """Our settings for the MFU part: 32 x 256 tokens, LoRA r16 on all linear layers, bf16 autocast, the NF4 kernels."""
 MFU_VARIANTS = {  # name: what differs from OURS_MFU (MFU_VARIANTS in the environment picks some)
     "reference": dict(batch=8, seq=512, ckpt=True, targets=["q_proj", "k_proj", "v_proj", "o_proj"], autocast=False),
@@ -438,6 +446,9 @@ MFU_VARIANTS = {  # name: what differs from OURS_MFU (MFU_VARIANTS in the enviro
     "ours_deq_graphs_liger": dict(deq=True, mode="graphs", liger=True),
     # twice the tokens per step (64 x 256): how far the GEMMs' size moves MFU
     "ours_deq_graphs_liger_b64": dict(deq=True, mode="graphs", liger=True, batch=64),
+    # training.fused_lora: LoRA over the dequantized base's linear layers as one autograd function each
+    "ours_deq_graphs_liger_fused": dict(deq=True, mode="graphs", liger=True, fused=True),
+    "ours_deq_liger_fused": dict(deq=True, liger=True, fused=True),
 }
 
 
@@ -477,6 +488,10 @@ def bench_mfu() -> None:
                         p.data = p.data.float()
                 if autocast:  # as the trainer does (a dequantized base's LoRA layers: no float32 input copies)
                     lora_inputs_uncast(model)
+                if v["fused"]:
+                    from trainables.fused_lora import fuse_lora_layers
+
+                    fuse_lora_layers(model)
                 if compiled == "compile":
                     compile_layers(model)
                 x = torch.randint(1, 128000, (batch, seq), device="cuda")

@@ -1,7 +1,7 @@
 """Where an NF4/dequantized LoRA step of a random Llama shape spends its GPU time: CUDA kernel time by
 kernel (torch.profiler over eager steps, so every kernel shows), and the GEMMs' share of it.
 
-    python benchmarks/mfu_profile.py 1b [deq] [liger] [batch=32] [seq=256]
+    python benchmarks/mfu_profile.py 1b [deq] [liger] [fused] [batch=32] [seq=256]
 """
 
 from __future__ import annotations
@@ -35,6 +35,10 @@ for p in model.parameters():
     if p.requires_grad:
         p.data = p.data.float()
 lora_inputs_uncast(model)
+if "fused" in args:
+    from trainables.fused_lora import fuse_lora_layers
+
+    print("fused LoRA layers:", fuse_lora_layers(model))
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
 x = torch.randint(1, 128000, (batch, seq), device="cuda")
 y = torch.randint(0, 3, (batch,), device="cuda")

@@ -75,7 +75,7 @@ def test_lora_inputs_stay_bf16_under_autocast_with_the_same_loss_and_gradients(t
     each input to float32 before the bf16 matmul; the trainer turns that off. Same loss, same gradients."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    tr = _trainer(tiny_csv, approach=approach, quantization="none", **{"training.bf16": True})
+    tr = _trainer(tiny_csv, approach=approach, quantization="none", **{"training.bf16": True, "training.fused_lora": False})
     layers = [m for m in tr.model.modules() if isinstance(m, BaseTunerLayer)]
     assert layers and not any(m.cast_input_dtype_enabled for m in layers)
     assert all(m.cast_input_dtype_enabled for m in _trainer(tiny_csv, quantization="none").model.modules()
@@ -332,3 +332,54 @@ def test_batches_are_padded_as_the_tokenizer_pads(tiny_csv, multiple):
                                 return_tensors="pt", return_attention_mask=True)
         assert torch.equal(ids, want["input_ids"]) and torch.equal(mask, want["attention_mask"]), lengths
         assert ids.dtype == want["input_ids"].dtype and ids.shape[1] % multiple == 0
+
+
+@pytest.mark.parametrize("approach", ["head", "generation"])
+@pytest.mark.parametrize("bf16,dropout", [(False, 0.0), (False, 0.1), (True, 0.0)])
+def test_fused_lora_layers_give_peft_s_loss_and_gradients(tiny_csv, approach, bf16, dropout):
+    """training.fused_lora: every LoRA layer over a plain linear base takes the fused path (4-bit
+    layers keep peft's), and a training step's loss and gradients are peft's: to float32 rounding,
+    with dropout too; under bf16 autocast, about as close to the float32 step as peft's are (within 25%)."""
+    from peft.tuners.lora import LoraLayer
+
+    from trainables.fused_lora import FusedLoraLinear, _LoraLinear
+
+    assert not any(isinstance(m, FusedLoraLinear) for m in _trainer(tiny_csv, approach=approach).model.modules())
+    over = {"training.bf16": bf16, "lora.dropout": dropout}
+    peft_tr = _trainer(tiny_csv, approach=approach, quantization="none", **over, **{"training.fused_lora": False})
+    tr = _trainer(tiny_csv, approach=approach, quantization="none", **over)
+    fused = [m for m in tr.model.modules() if isinstance(m, FusedLoraLinear)]
+    assert fused and len(fused) == sum(isinstance(m, LoraLayer) for m in tr.model.modules())
+    for t in (peft_tr, tr):  # LoRA's B starts at zero: give both the same non-zero values, so its path counts
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for n, p in t.model.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    batch = tr.approach.collate(tr.train_examples[:4], train=True)
+
+    def step(t, autocast: bool):
+        t.model.train()
+        t.model.zero_grad()
+        torch.manual_seed(0)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = t.approach.loss(t.model, batch, None)
+        loss.backward()
+        return loss.item(), torch.cat([p.grad.flatten() for p in t.trainable])
+
+    reference = step(peft_tr, False) if bf16 else None  # peft, float32
+    calls = []
+    apply = _LoraLinear.apply
+    _LoraLinear.apply = lambda *a: calls.append(1) or apply(*a)
+    try:
+        (a, ga), (b, gb) = step(peft_tr, bf16), step(tr, bf16)
+    finally:
+        _LoraLinear.apply = apply
+    assert len(calls) == len(fused)  # each fused layer once, in the fused trainer's pass only
+    if not bf16:
+        assert a == pytest.approx(b, rel=1e-6) and a > 0
+        assert (ga - gb).abs().max() <= 1e-5 * ga.abs().max()
+    else:
+        loss32, g32 = reference
+        assert abs(b - loss32) <= 1.25 * max(abs(a - loss32), 1e-3 * loss32)
+        assert (gb - g32).norm() <= 1.25 * max((ga - g32).norm(), 1e-3 * g32.norm()), ((gb - g32).norm(), (ga - g32).norm())

@@ -70,6 +70,11 @@ class TrainingSettings(Strict):
     base, the package installed, no ``compile``); ``true`` fails where they cannot. Liger patches
     transformers' Llama module too, so Llama models built later in the same process use its layers
     as well."""
+    fused_lora: bool = True
+    """Compute each LoRA layer over a plain linear base (a dequantized or unquantized base) as one
+    autograd function (:mod:`trainables.fused_lora`): the scaled LoRA product is summed inside the
+    output's matmul, and likewise in the backward pass, instead of in separate element-wise kernels.
+    The same results up to rounding; ``false`` keeps peft's own forward. 4-bit layers always use peft's."""
     seed: int = 42
     bf16: Literal["auto", True, False] = "auto"
     select: Literal["best", "last"] = "best"

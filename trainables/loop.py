@@ -245,13 +245,17 @@ class Trainer:
                 apply_liger(base, self.dev)
             since[0] = self._lap("base", t0)
             model = attach_lora(base, cfg)
+            if t.fused_lora:
+                from trainables.fused_lora import fuse_lora_layers  # peft's, imported with the model
+
+                fuse_lora_layers(model)
             if self.bf16:
                 lora_inputs_uncast(model)
             return model
 
         if reuse and not t.compile:
             key = (base_key(*args), self.dequantized_base, liger, cfg.lora.model_dump_json(),
-                   t.gradient_checkpointing, self.bf16)
+                   t.gradient_checkpointing, self.bf16, t.fused_lora)
             model = cached("model", key, lambda: build(base))
         else:
             model = build(base)
