@@ -449,6 +449,7 @@ MFU_VARIANTS = {  # name: what differs from OURS_MFU (MFU_VARIANTS in the enviro
     # training.fused_lora: LoRA over the dequantized base's linear layers as one autograd function each
     "ours_deq_graphs_liger_fused": dict(deq=True, mode="graphs", liger=True, fused=True),
     "ours_deq_liger_fused": dict(deq=True, liger=True, fused=True),
+    "ours_deq_graphs_liger_fused_b64": dict(deq=True, mode="graphs", liger=True, fused=True, batch=64),
 }
 
 
