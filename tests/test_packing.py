@@ -43,6 +43,27 @@ def test_a_card_is_shared_by_as_many_trials_as_fit_and_have_cpus(study, capsys):
     assert "10 trial(s) per card" in capsys.readouterr().out
     assert share_of_card(fp, cfg, {"GPU": 2, "CPU": 8}, 1.0, "s.yaml") == pytest.approx(1 / 4)  # 4 CPUs per card
     assert share_of_card(Footprint(100 * GiB, 140 * GiB), cfg, {"GPU": 1, "CPU": 16}, 1.0, "s.yaml") == 1.0
+    # reused workers keep pristine bases (here 2 x 2.5 GiB) besides the trial: 128.8 / 17.5 -> 7 trials
+    capsys.readouterr()
+    assert share_of_card(fp, cfg, {"GPU": 2, "CPU": 64}, 1.0, "s.yaml", kept_bytes=5 * GiB) == pytest.approx(1 / 7)
+    assert "a reused worker keeps 5.0 GiB of pristine bases" in capsys.readouterr().out
+
+
+def test_reused_workers_are_the_default_and_the_fit_counts_the_bases_they_keep(tmp_path, yaml_file):
+    """``reuse_actors`` defaults to on; a trainer reports its base's bytes as loaded (what a reused
+    worker keeps a pristine copy of, per approach): 4-bit weights take about a quarter of float32's."""
+    from trainables.data import load_dataset
+
+    s, _ = load_study(yaml_file(tiny_study(learnable_csv(tmp_path / "d.csv"))))
+    assert s.reuse_actors is True
+    sizes = {}
+    for q in ("nf4", "none"):
+        cfg = RunConfig.model_validate(tiny_config(learnable_csv(tmp_path / "d.csv"), quantization=q))
+        tr = Trainer(cfg, load_dataset(cfg.data), log=lambda *_: None)
+        sizes[q] = tr.base_bytes
+        embed = tr.model.get_input_embeddings().weight
+        assert tr.base_bytes > embed.numel() * embed.element_size()
+    assert sizes["nf4"] < 0.75 * sizes["none"], sizes
 
 
 def test_a_space_whose_largest_trial_cannot_fit_fails_naming_the_settings(study):

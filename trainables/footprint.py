@@ -15,6 +15,9 @@ class Footprint:
     trial's process holds as much as its tensors."""
     card_bytes: int
     """The card's memory."""
+    base_bytes: int = 0
+    """The quantized base's bytes: a reused worker (``reuse_actors``) keeps a pristine copy of it
+    per approach, besides what a trial holds."""
 
 
 BATCHES_PER_BUCKET = 3
@@ -79,10 +82,11 @@ def measure(run_config: dict, label_names: list[str]) -> Footprint:
     trainer = Trainer(cfg, data, dev=dev, log=lambda *_: None, every_bucket=True)
     trainer.fit()
     peak = torch.cuda.max_memory_reserved(dev) - before
+    base_bytes = trainer.base_bytes
     del trainer
     gc.collect()
     torch.cuda.empty_cache()
-    return Footprint(int(peak), int(torch.cuda.get_device_properties(dev).total_memory))
+    return Footprint(int(peak), int(torch.cuda.get_device_properties(dev).total_memory), int(base_bytes))
 
 
 def measure_each(run_configs: list[dict], label_names: list[str]) -> list[Footprint]:

@@ -53,6 +53,7 @@ from trainables.models import (
     load_base,
     load_tokenizer,
     lora_inputs_uncast,
+    module_bytes,
     pristine_base,
     resolve_model,
 )
@@ -232,6 +233,8 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.training
         args = (cfg, self.model_path, len(self.data.label_names), self.tokenizer.pad_token_id, self.dev)
         base = pristine_base(*args) if reuse else load_base(*args)
+        self.base_bytes = module_bytes(base)
+        """Bytes of the base as loaded (quantized): what a reused worker keeps a pristine copy of."""
         self.dequantized_base = dequantize_base_wanted(t.dequantize_base, cfg.quantization, base, self.dev)
         liger = liger_wanted(t.liger_kernel, t.compile, base, self.dev)
         since = [t0]

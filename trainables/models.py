@@ -8,6 +8,7 @@ or a hub id (only where a hub or its cache is reachable).
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import math
 import os
 from pathlib import Path
@@ -298,6 +299,19 @@ def apply_liger(model, dev: torch.device) -> None:
 
 DEQUANTIZE_AUTO_SHARE = 0.10
 """``dequantize_base: auto`` dequantizes a base whose unquantized weights take at most this share of the GPU."""
+
+
+def module_bytes(model) -> int:
+    """Bytes ``model``'s parameters and buffers take as they are (4-bit weights packed, with their
+    quantization statistics)."""
+    total = 0
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        total += t.numel() * t.element_size()
+        state = getattr(t, "quant_state", None)
+        for stat in (getattr(state, "absmax", None), getattr(getattr(state, "state2", None), "absmax", None)):
+            if stat is not None:
+                total += stat.numel() * stat.element_size()
+    return total
 
 
 def unquantized_bytes(model, dtype_bytes: int = 2) -> int:

@@ -32,8 +32,9 @@ def largest_settings(study: StudyConfig, space: SearchSpace, approach: str) -> d
     return study.run_config(params).dump()
 
 
-def trials_per_card(peak_bytes: int, card_bytes: int) -> int:
-    return math.floor(USABLE * card_bytes / (MARGIN * peak_bytes + CONTEXT_BYTES))
+def trials_per_card(peak_bytes: int, card_bytes: int, kept_bytes: int = 0) -> int:
+    """Trials of ``peak_bytes`` (plus ``kept_bytes`` a reused worker keeps between trials) a card holds."""
+    return math.floor(USABLE * card_bytes / (MARGIN * peak_bytes + kept_bytes + CONTEXT_BYTES))
 
 
 def resolve_auto_gpu(study: StudyConfig, space: SearchSpace, source: str, label_names: list[str],
@@ -57,22 +58,29 @@ def resolve_auto_gpu(study: StudyConfig, space: SearchSpace, source: str, label_
         cfgs = [largest_settings(study, space, a) for a in space.approaches(study.approach)]
         fps = ray.get(task.remote(cfgs, label_names))  # one process: its start and imports are most of the cost
         fp, cfg = max(zip(fps, cfgs), key=lambda pair: pair[0].peak_bytes)
-        gpu = share_of_card(fp, cfg, cluster, r.cpu, source)
+        # a reused worker keeps a pristine base per approach it has run, besides the trial it runs
+        kept = len(fps) * max(f.base_bytes for f in fps) if study.reuse_actors else 0
+        gpu = share_of_card(fp, cfg, cluster, r.cpu, source, kept)
     return study.model_copy(update={"resources_per_trial": r.model_copy(update={"gpu": gpu})})
 
 
-def share_of_card(fp: Footprint, cfg: dict, cluster: dict[str, float], cpus_per_trial: float, source: str) -> float:
+def share_of_card(fp: Footprint, cfg: dict, cluster: dict[str, float], cpus_per_trial: float, source: str,
+                  kept_bytes: int = 0) -> float:
     """1/n of a card for the n trials of footprint ``fp`` (measured at run config ``cfg``) that fit on
-    it, and that the CPUs per card can run; an error naming the settings when not even one fits."""
-    n = trials_per_card(fp.peak_bytes, fp.card_bytes)
+    it, each worker also keeping ``kept_bytes`` (reused workers' pristine bases), and that the CPUs per
+    card can run; an error naming the settings when not even one fits."""
+    n = trials_per_card(fp.peak_bytes, fp.card_bytes, kept_bytes)
     t = cfg["training"]
     what = (f"a {cfg['approach']} trial at training.batch_size {t['batch_size']}, training.max_length "
             f"{t['max_length']} and lora.r {cfg['lora']['r']} (the space's largest) peaked at "
             f"{fp.peak_bytes / GiB:.1f} GiB")
+    if kept_bytes:
+        what += f", and a reused worker keeps {kept_bytes / GiB:.1f} GiB of pristine bases"
     if n < 1:
         raise InputError(f"{source}: resources_per_trial.gpu: auto: {what}, more than a "
                          f"{fp.card_bytes / GiB:.0f} GiB card holds; lower those in `search`, or give "
-                         f"each trial several GPUs with resources_per_trial.workers")
+                         f"each trial several GPUs with resources_per_trial.workers"
+                         + (", or set reuse_actors: false" if kept_bytes else ""))
     cpus_per_card = cluster.get("CPU", 1) / cluster["GPU"]
     n = max(1, min(n, math.floor(cpus_per_card / cpus_per_trial)))
     console.print(f"resources_per_trial.gpu: auto -> {1 / n:.4g} ({n} trial(s) per card): {what} of "

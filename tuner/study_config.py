@@ -121,11 +121,12 @@ class StudyConfig(RunConfig):
     keep_checkpoints: int = Field(1, ge=1)
     """Checkpoints Ray keeps per trial, the newest: each holds the resume state and the trial's best
     model so far, so one is enough."""
-    reuse_actors: bool = False
-    """Run trial after trial in the same Ray worker, which keeps the tokenizer, the tokenized splits
-    and a pristine quantized base: no process start, imports, tokenizing or model load per trial
-    (BENCHMARKS.md). Off by default because each worker then holds a second copy of the quantized
-    base in memory."""
+    reuse_actors: bool = True
+    """Run trial after trial in the same Ray worker (single-worker trials; a data-parallel trial's
+    actor never is), which keeps the tokenizer, the tokenized splits, a pristine quantized base per
+    approach and the last trial's model with its adapters: no process start, imports, tokenizing or
+    model load per trial (BENCHMARKS.md). The pristine bases cost memory besides a trial's own, which
+    ``resources_per_trial.gpu: auto`` counts. ``false``: a fresh process for every trial."""
     max_failures: int = Field(2, ge=0)
     tracking: Tracking = Tracking()
 
