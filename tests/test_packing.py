@@ -46,7 +46,7 @@ def test_a_card_is_shared_by_as_many_trials_as_fit_and_have_cpus(study, capsys):
     # reused workers keep pristine bases (here 2 x 2.5 GiB) besides the trial: 128.8 / 17.5 -> 7 trials
     capsys.readouterr()
     assert share_of_card(fp, cfg, {"GPU": 2, "CPU": 64}, 1.0, "s.yaml", kept_bytes=5 * GiB) == pytest.approx(1 / 7)
-    assert "a reused worker keeps 5.0 GiB of pristine bases" in capsys.readouterr().out
+    assert "peaked at 10.0 GiB (and 5.00 GiB of pristine bases a reused worker keeps) of 140 GiB" in capsys.readouterr().out
 
 
 def test_reused_workers_are_the_default_and_the_fit_counts_the_bases_they_keep(tmp_path, yaml_file):

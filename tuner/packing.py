@@ -75,7 +75,7 @@ def share_of_card(fp: Footprint, cfg: dict, cluster: dict[str, float], cpus_per_
             f"{t['max_length']} and lora.r {cfg['lora']['r']} (the space's largest) peaked at "
             f"{fp.peak_bytes / GiB:.1f} GiB")
     if kept_bytes:
-        what += f", and a reused worker keeps {kept_bytes / GiB:.1f} GiB of pristine bases"
+        what += f" (and {kept_bytes / GiB:.2f} GiB of pristine bases a reused worker keeps)"
     if n < 1:
         raise InputError(f"{source}: resources_per_trial.gpu: auto: {what}, more than a "
                          f"{fp.card_bytes / GiB:.0f} GiB card holds; lower those in `search`, or give "
