@@ -383,3 +383,30 @@ def test_fused_lora_layers_give_peft_s_loss_and_gradients(tiny_csv, approach, bf
         loss32, g32 = reference
         assert abs(b - loss32) <= 1.25 * max(abs(a - loss32), 1e-3 * loss32)
         assert (gb - g32).norm() <= 1.25 * max((ga - g32).norm(), 1e-3 * g32.norm()), ((gb - g32).norm(), (ga - g32).norm())
+
+
+def test_a_kept_model_serves_trials_with_another_lora_alpha_and_dropout(tiny_csv, tmp_path):
+    """A reused worker keeps its model with adapters across trials that differ only in lora.alpha and
+    lora.dropout (numbers, not modules): the trial trains as a fresh one with those settings would,
+    and its saved adapter says its own alpha. A trial with another rank gets a model of its own."""
+    from trainables import worker_cache
+
+    def cfg(**over):
+        return RunConfig.model_validate(tiny_config(tiny_csv, **{"lora.dropout": 0.1, **over}))
+
+    worker_cache.clear()
+    first = Trainer(cfg(**{"lora.alpha": 4}), load_dataset(cfg().data), log=lambda *_: None, reuse=True)
+    first.fit()
+    other = cfg(**{"lora.alpha": 32, "lora.dropout": 0.2})
+    kept = Trainer(other, load_dataset(other.data), log=lambda *_: None, reuse=True)
+    assert kept.model is first.model
+    kept.fit()
+    fresh = Trainer(other, load_dataset(other.data), log=lambda *_: None)
+    fresh.fit()
+    for k, v in fresh.trainable_state().items():
+        assert torch.equal(v, kept.trainable_state()[k]), k
+    kept.model.save_pretrained(tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (saved["lora_alpha"], saved["lora_dropout"]) == (32, 0.2)
+    wider = cfg(**{"lora.r": 4})
+    assert Trainer(wider, load_dataset(wider.data), log=lambda *_: None, reuse=True).model is not first.model

@@ -53,9 +53,11 @@ from trainables.models import (
     load_base,
     load_tokenizer,
     lora_inputs_uncast,
+    lora_structure,
     module_bytes,
     pristine_base,
     resolve_model,
+    set_lora_numbers,
 )
 from trainables.paths import build_atomically
 from trainables.worker_cache import cached, digest
@@ -257,9 +259,10 @@ class Trainer:
             return model
 
         if reuse and not t.compile:
-            key = (base_key(*args), self.dequantized_base, liger, cfg.lora.model_dump_json(),
+            key = (base_key(*args), self.dequantized_base, liger, lora_structure(cfg.lora),
                    t.gradient_checkpointing, self.bf16, t.fused_lora)
             model = cached("model", key, lambda: build(base))
+            set_lora_numbers(model, cfg.lora)  # a kept model's alpha and dropout are its last run's
         else:
             model = build(base)
         if "base" not in self.setup_parts:  # a kept model: no base to make

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import json
 import math
 import os
 from pathlib import Path
@@ -368,6 +369,29 @@ def attach_lora(model, cfg: RunConfig):
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
     return peft_model
+
+
+def lora_structure(lora) -> str:
+    """What fixes the modules of a model with LoRA attached (``LoraSettings``): the rank, the targets
+    and whether dropout is on. Alpha and the dropout rate are numbers such a model takes anew
+    (:func:`set_lora_numbers`), so a reused worker's kept model serves trials that differ in them."""
+    return json.dumps({"r": lora.r, "target_modules": lora.target_modules, "dropout": lora.dropout > 0})
+
+
+def set_lora_numbers(model, lora) -> None:
+    """Give ``model``'s LoRA layers, and the adapter config it saves, ``lora``'s alpha (so scaling
+    alpha / r) and dropout rate, through peft's public layer attributes and ``set_scale``."""
+    from peft.tuners.lora import LoraLayer
+
+    for config in model.peft_config.values():
+        config.lora_alpha, config.lora_dropout = lora.alpha, lora.dropout
+    for m in model.modules():
+        if isinstance(m, LoraLayer):
+            for name in m.lora_A:
+                m.lora_alpha[name] = lora.alpha
+                m.set_scale(name, 1.0)
+                if isinstance(m.lora_dropout[name], torch.nn.Dropout):
+                    m.lora_dropout[name].p = lora.dropout
 
 
 def fresh_weights(model, approach: str, seed: int) -> None:
