@@ -148,7 +148,6 @@ def _make_optimizer(cfg: RunConfig, params, dev: torch.device, graphs: bool = Fa
     return cls(params, lr=t.learning_rate, weight_decay=t.weight_decay)
 
 
-
 _ENCODER: ThreadPoolExecutor | None = None
 
 
