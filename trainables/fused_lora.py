@@ -33,8 +33,8 @@ class _LoraLinear(torch.autograd.Function):
         y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias.to(dt), x2, w.t())
         h = torch.mm(xd2, a_c.t())
         y.addmm_(h, b_c.t(), alpha=scaling)
-        ctx.save_for_backward(x2 if ctx.needs_input_grad[0] or xd is None else None, xd2 if xd is not None else None,
-                              w, a_c, b_c, h)
+        # x itself is needed for A's gradient only where it is what A saw (no dropout)
+        ctx.save_for_backward(x2 if xd is None else None, xd2 if xd is not None else None, w, a_c, b_c, h)
         ctx.scaling, ctx.shape, ctx.dtypes = scaling, shape, (x.dtype, a.dtype, b.dtype)
         ctx.has_xd = xd is not None
         return y.reshape(*shape[:-1], y.shape[-1])
