@@ -11,7 +11,7 @@ from trainables.errors import InputError
 from trainables.footprint import Footprint, probe_words, synthetic_data
 from trainables.graphs import bucket_length
 from trainables.loop import Trainer
-from tuner.packing import GiB, largest_settings, share_of_card
+from tuner.packing import GiB, kept_bytes, largest_settings, share_of_card
 from tuner.study_config import load_study
 
 
@@ -64,6 +64,9 @@ def test_reused_workers_are_the_default_and_the_fit_counts_the_bases_they_keep(t
         embed = tr.model.get_input_embeddings().weight
         assert tr.base_bytes > embed.numel() * embed.element_size()
     assert sizes["nf4"] < 0.75 * sizes["none"], sizes
+    fps = [Footprint(10 * GiB, 140 * GiB, sizes["nf4"]), Footprint(12 * GiB, 140 * GiB, sizes["nf4"] + 1)]
+    assert kept_bytes(s, fps) == 2 * (sizes["nf4"] + 1)  # a pristine base per approach, the larger
+    assert kept_bytes(s.model_copy(update={"reuse_actors": False}), fps) == 0
 
 
 def test_a_space_whose_largest_trial_cannot_fit_fails_naming_the_settings(study):

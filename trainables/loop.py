@@ -191,8 +191,7 @@ class Trainer:
         self.model_path = resolve_model(cfg.model)
         self.tokenizer = load_tokenizer(self.model_path, cfg.trust_remote_code, reuse=reuse)
         self.approach = make_approach(self.tokenizer, data.label_names, cfg)
-        splits = sorted(data.splits().items(), key=lambda kv: kv[0] != "train")  # the training split first
-        pending = {name: _encoder().submit(self._encode, split, reuse) for name, split in splits}
+        pending = {name: _encoder().submit(self._encode, split, reuse) for name, split in data.splits().items()}
         t0 = self._lap("data", t0)
         self.model, t0 = self._model(reuse, t0)  # while the splits are encoded in the background
         self.encoded = {name: job.result() for name, job in pending.items()}

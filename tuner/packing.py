@@ -58,10 +58,14 @@ def resolve_auto_gpu(study: StudyConfig, space: SearchSpace, source: str, label_
         cfgs = [largest_settings(study, space, a) for a in space.approaches(study.approach)]
         fps = ray.get(task.remote(cfgs, label_names))  # one process: its start and imports are most of the cost
         fp, cfg = max(zip(fps, cfgs), key=lambda pair: pair[0].peak_bytes)
-        # a reused worker keeps a pristine base per approach it has run, besides the trial it runs
-        kept = len(fps) * max(f.base_bytes for f in fps) if study.reuse_actors else 0
-        gpu = share_of_card(fp, cfg, cluster, r.cpu, source, kept)
+        gpu = share_of_card(fp, cfg, cluster, r.cpu, source, kept_bytes(study, fps))
     return study.model_copy(update={"resources_per_trial": r.model_copy(update={"gpu": gpu})})
+
+
+def kept_bytes(study: StudyConfig, fps: list[Footprint]) -> int:
+    """Bytes a reused worker keeps besides the trial it runs: a pristine base per approach it can run
+    (``fps``: one footprint per approach); none without ``reuse_actors``."""
+    return len(fps) * max(f.base_bytes for f in fps) if study.reuse_actors and fps else 0
 
 
 def share_of_card(fp: Footprint, cfg: dict, cluster: dict[str, float], cpus_per_trial: float, source: str,
