@@ -162,3 +162,61 @@ def test_the_fits_probes_are_few_and_reach_every_bucket_up_to_any_max_length():
         assert ks[0] == 1 and ks[-1] == max_length and ks == sorted(set(ks)) and len(ks) <= 400, (max_length, len(ks))
         # at one or more tokens a word, consecutive probes sit closer than the buckets are wide
         assert all(b - a == 1 if b <= 256 else b <= a * 1.06 + 1 for a, b in zip(ks, ks[1:]))
+
+
+def test_the_fit_is_kept_per_settings_labels_and_card_kind_and_refit_measures_again(study, tmp_path, monkeypatch):
+    """A study after the first on the same model, settings and card kind takes gpu: auto's footprints
+    from the fit cache; anything a trial's memory depends on is a new key; --refit measures again."""
+    from tuner import fit_cache
+    from tuner.packing import footprints
+
+    monkeypatch.setenv("QLORA_TUNE_HOME", str(tmp_path / "home"))
+    s, space = study
+    cfgs = [largest_settings(s, space, a) for a in ("head", "generation")]
+    h200 = {"GPU": 1.0, "CPU": 16.0, "accelerator_type:H200": 1.0}
+    fitted: list[int] = []
+
+    def measure(c, labels):
+        fitted.append(len(c))
+        return [Footprint((i + 1) * GiB, 140 * GiB, GiB // 4) for i in range(len(c))]
+
+    fps, note = footprints(cfgs, ["a", "b"], h200, measure=measure)
+    assert fitted == [2] and note == ""
+    again, note = footprints(cfgs, ["a", "b"], h200, measure=measure)
+    assert fitted == [2] and again == fps and "kept in the fit cache" in note
+    footprints(cfgs, ["a", "b"], h200, refit=True, measure=measure)
+    assert fitted == [2, 2]
+    bigger = [dict(c, training={**c["training"], "batch_size": 64}) for c in cfgs]
+    other_data = [dict(c, data={**c["data"], "train": "elsewhere.csv"}) for c in cfgs]
+    key = fit_cache.fit_key(cfgs, ["a", "b"], h200)
+    assert fit_cache.fit_key(other_data, ["a", "b"], h200) == key  # the fit trains on synthetic texts
+    assert len({key, fit_cache.fit_key(bigger, ["a", "b"], h200), fit_cache.fit_key(cfgs, ["a", "b", "c"], h200),
+                fit_cache.fit_key(cfgs, ["a", "b"], {"GPU": 1.0, "accelerator_type:A100": 1.0})}) == 4
+    # no known card kind, or two kinds (the fit's card could be either): never from the cache
+    assert fit_cache.fit_key(cfgs, ["a", "b"], {"GPU": 1.0, "CPU": 16.0}) is None
+    assert fit_cache.fit_key(cfgs, ["a", "b"], {**h200, "accelerator_type:A100": 1.0}) is None
+    footprints(cfgs, ["a", "b"], {"GPU": 1.0, "CPU": 16.0}, measure=measure)
+    footprints(cfgs, ["a", "b"], {"GPU": 1.0, "CPU": 16.0}, measure=measure)
+    assert fitted == [2, 2, 2, 2]
+    # an unreadable entry is a miss, measured and written again
+    (tmp_path / "home" / "fits" / f"{key}.json").write_text("{not json")
+    footprints(cfgs, ["a", "b"], h200, measure=measure)
+    assert fitted == [2, 2, 2, 2, 2] and fit_cache.load(key)[0] == fps
+
+
+def test_gpu_auto_takes_a_kept_fit_without_measuring(study, tmp_path, monkeypatch, capsys):
+    """A kept fit packs the study as a measured one would (no GPU, no Ray here: nothing measures)."""
+    from tuner import fit_cache
+    from tuner.packing import resolve_auto_gpu
+
+    monkeypatch.setenv("QLORA_TUNE_HOME", str(tmp_path / "home"))
+    s, space = study
+    h200 = {"GPU": 1.0, "CPU": 64.0, "accelerator_type:H200": 1.0}
+    cfgs = [largest_settings(s, space, a) for a in space.approaches(s.approach)]
+    fit_cache.save(fit_cache.fit_key(cfgs, ["a", "b"], h200),
+                   [Footprint(10 * GiB, 140 * GiB, GiB), Footprint(8 * GiB, 140 * GiB, GiB)])
+    got = resolve_auto_gpu(s, space, "s.yaml", ["a", "b"], h200)
+    # 0.92 x 140 GiB over (1.15 x 10 GiB + 2 x 1 GiB of kept bases + 1 GiB per process) = 8.6 -> 8
+    assert got.resources_per_trial.gpu == pytest.approx(1 / 8)
+    out = capsys.readouterr().out
+    assert "8 trial(s) per card" in out and "kept in the fit cache" in out, out

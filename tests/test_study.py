@@ -176,16 +176,35 @@ INVALID = [
 ]
 
 
+@pytest.mark.parametrize("command", [["run", "--name", "never"], ["plan"]], ids=["run", "plan"])
 @pytest.mark.parametrize("over,expect", [(i[1], i[2]) for i in INVALID], ids=[i[0] for i in INVALID])
-def test_invalid_study_exits_2_before_ray_starts(tmp_path, yaml_file, cli, over, expect):
+def test_invalid_study_exits_2_before_ray_starts(tmp_path, yaml_file, cli, over, expect, command):
     import ray
 
     cfg = tiny_study(learnable_csv(tmp_path / "d.csv"))
     cfg.update(over)
-    code, out, err = cli("run", yaml_file(cfg), "--name", "never")
+    code, out, err = cli(command[0], yaml_file(cfg), *command[1:])
     assert code == 2, out + err
     assert expect in err and len(err.strip().splitlines()) == 1, err
     assert not ray.is_initialized()
+
+
+def test_plan_shows_what_run_would_do_and_runs_nothing(tmp_path, yaml_file, ray_cluster):
+    """`plan` checks the study on the cluster and prints its trials, space and resources; no study
+    record, no MLflow run (it needs no tracking server)."""
+    from tuner.records import StudyRecord
+
+    cfg = tiny_study(learnable_csv(tmp_path / "d.csv"), max_concurrent_trials=None, num_trials=5,
+                     **{"tracking.tracking_uri": "http://127.0.0.1:9"})  # nothing listens there
+    before = set(StudyRecord.folder("x").parent.glob("*")) if StudyRecord.folder("x").parent.exists() else set()
+    p = run_cli("plan", yaml_file(cfg), "--address", ray_cluster, "--set", "lora.dropout=0.05")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    out = " ".join(p.stdout.split())
+    # the cluster has 2 CPUs, a trial takes 1: two at once
+    assert "5 trials, approaches ['head', 'generation'], {'cpu': 1.0, 'gpu': 0.0} per trial; up to 2 at once" in out, out
+    assert "lora.r: choice [4, 8]" in out and "head: head.class_weights: choice ['none', 'balanced']" in out, out
+    after = set(StudyRecord.folder("x").parent.glob("*")) if StudyRecord.folder("x").parent.exists() else set()
+    assert after == before
 
 
 def test_fractional_gpu_on_cpu_cluster_warns_and_runs_on_cpu():

@@ -73,6 +73,8 @@ def predict(
 
 Address = Annotated[Optional[str], typer.Option("--address", help="Ray cluster: auto, HOST:PORT or ray://HOST:10001 (default: start a local one).")]
 
+Refit = Annotated[bool, typer.Option("--refit", help="gpu: auto: measure the trials' footprint again, even where the fit cache has it.")]
+
 
 @app.command()
 def run(
@@ -81,11 +83,26 @@ def run(
     address: Address = None,
     set_: SetOpt = None,
     warm_start: Annotated[Optional[str], typer.Option("--warm-start", help="An earlier study (same task, older data) whose trials Optuna starts from, where the spaces agree.")] = None,
+    refit: Refit = False,
 ):
     """Launch a hyperparameter search on Ray Tune."""
     from tuner.study import run_study
 
-    run_study(study, set_ or [], name, address, warm_start)
+    run_study(study, set_ or [], name, address, warm_start, refit)
+
+
+@app.command()
+def plan(
+    study: Annotated[Path, typer.Argument(help="Study file (YAML).")],
+    address: Address = None,
+    set_: SetOpt = None,
+    refit: Refit = False,
+):
+    """Check a study and show what `run` would do: trials, search space, resources per trial and how
+    many run at once (gpu: auto measured, and kept for the run); no trial runs."""
+    from tuner.study import plan_study
+
+    plan_study(study, set_ or [], address, refit)
 
 
 @app.command()

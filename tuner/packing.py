@@ -4,6 +4,7 @@ at the largest settings of the search space (batch size, sequence length, LoRA r
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 from trainables.errors import InputError
 from tuner.console import console
@@ -38,10 +39,11 @@ def trials_per_card(peak_bytes: int, card_bytes: int, kept_bytes: int = 0) -> in
 
 
 def resolve_auto_gpu(study: StudyConfig, space: SearchSpace, source: str, label_names: list[str],
-                     cluster: dict[str, float]) -> StudyConfig:
+                     cluster: dict[str, float], refit: bool = False) -> StudyConfig:
     """The study with ``resources_per_trial.gpu: auto`` replaced by a share of a card (1/n for the n
-    trials that fit), measured on one of the cluster's GPUs; no GPU: 0 (trials on the CPU). A space
-    whose largest trial does not fit on a card fails here, naming the settings."""
+    trials that fit), measured on one of the cluster's GPUs, or taken from the fit cache
+    (:mod:`tuner.fit_cache`; ``refit``: measure again); no GPU: 0 (trials on the CPU). A space whose
+    largest trial does not fit on a card fails here, naming the settings."""
     r = study.resources_per_trial
     if r.gpu != "auto" or r.workers > 1:  # data-parallel trials give their GPUs per worker
         return study
@@ -50,16 +52,39 @@ def resolve_auto_gpu(study: StudyConfig, space: SearchSpace, source: str, label_
             console.print("[yellow]warning[/]: resources_per_trial.gpu: auto, but the cluster has no GPU; trials run on the CPU")
         gpu = 0.0
     else:
-        import ray
-
-        from trainables.footprint import measure_each
-
-        task = ray.remote(num_gpus=1, num_cpus=1)(measure_each)
         cfgs = [largest_settings(study, space, a) for a in space.approaches(study.approach)]
-        fps = ray.get(task.remote(cfgs, label_names))  # one process: its start and imports are most of the cost
+        fps, note = footprints(cfgs, label_names, cluster, refit)
         fp, cfg = max(zip(fps, cfgs), key=lambda pair: pair[0].peak_bytes)
-        gpu = share_of_card(fp, cfg, cluster, r.cpu, source, kept_bytes(study, fps))
+        gpu = share_of_card(fp, cfg, cluster, r.cpu, source, kept_bytes(study, fps), note)
     return study.model_copy(update={"resources_per_trial": r.model_copy(update={"gpu": gpu})})
+
+
+def measure_on_cluster(cfgs: list[dict], label_names: list[str]) -> list[Footprint]:
+    """Each run config's footprint, fitted on one of the cluster's GPUs in one process (its start and
+    imports are most of the cost)."""
+    import ray
+
+    from trainables.footprint import measure_each
+
+    return ray.get(ray.remote(num_gpus=1, num_cpus=1)(measure_each).remote(cfgs, label_names))
+
+
+def footprints(cfgs: list[dict], label_names: list[str], cluster: dict[str, float], refit: bool = False,
+               measure: Callable[[list[dict], list[str]], list[Footprint]] = measure_on_cluster,
+               ) -> tuple[list[Footprint], str]:
+    """Each run config's footprint, from the fit cache or by ``measure`` (then kept), and a note that
+    says which."""
+    from tuner import fit_cache
+
+    key = fit_cache.fit_key(cfgs, label_names, cluster)
+    kept = fit_cache.load(key) if key and not refit else None
+    if kept is not None:
+        fps, when = kept
+        return fps, f" (measured {when}, kept in the fit cache; --refit measures again)"
+    fps = measure(cfgs, label_names)
+    if key:
+        fit_cache.save(key, fps)
+    return fps, ""
 
 
 def kept_bytes(study: StudyConfig, fps: list[Footprint]) -> int:
@@ -69,7 +94,7 @@ def kept_bytes(study: StudyConfig, fps: list[Footprint]) -> int:
 
 
 def share_of_card(fp: Footprint, cfg: dict, cluster: dict[str, float], cpus_per_trial: float, source: str,
-                  kept_bytes: int = 0) -> float:
+                  kept_bytes: int = 0, note: str = "") -> float:
     """1/n of a card for the n trials of footprint ``fp`` (measured at run config ``cfg``) that fit on
     it, each worker also keeping ``kept_bytes`` (reused workers' pristine bases), and that the CPUs per
     card can run; an error naming the settings when not even one fits."""
@@ -88,5 +113,5 @@ def share_of_card(fp: Footprint, cfg: dict, cluster: dict[str, float], cpus_per_
     cpus_per_card = cluster.get("CPU", 1) / cluster["GPU"]
     n = max(1, min(n, math.floor(cpus_per_card / cpus_per_trial)))
     console.print(f"resources_per_trial.gpu: auto -> {1 / n:.4g} ({n} trial(s) per card): {what} of "
-                  f"{fp.card_bytes / GiB:.0f} GiB", soft_wrap=True)
+                  f"{fp.card_bytes / GiB:.0f} GiB{note}", soft_wrap=True)
     return 1.0 / n

@@ -8,6 +8,7 @@ import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from trainables import compat
 from trainables import layout as L
@@ -19,7 +20,10 @@ from tuner import tracking
 from tuner.console import console
 from tuner.ray_cluster import check_resources, connect, local_gpus
 from tuner.records import StudyRecord, check_name
-from tuner.study_config import StudyConfig, load_study, parse_search
+from tuner.study_config import SearchSpace, StudyConfig, load_study, parse_search
+
+if TYPE_CHECKING:
+    from trainables.data import Dataset
 
 # ------------------------------------------------------------------ run / resume
 
@@ -71,28 +75,81 @@ def _concurrency(study: StudyConfig, res: dict[str, float], cluster: dict[str, f
     return max(1, int(min(fits) + 1e-9))
 
 
-def run_study(path: Path, overrides: list[str], name: str | None, address: str | None,
-              warm_start: str | None = None) -> StudyRecord:
-    """Start a study; ``warm_start`` names an earlier one whose trials Optuna starts from."""
-    from ray import tune
+def _load(path: Path, overrides: list[str], address: str | None) -> tuple[StudyConfig, SearchSpace, Dataset]:
+    """The study file read and checked, its data loaded (bad data fails here, before Ray starts), and
+    what depends on the data (the default space, batch sizes for the data's size) decided."""
+    from trainables.data import load_dataset
+    from tuner.defaults import adapt
 
-    lap = _Laps()
     study, space = load_study(path, overrides)
-    old = StudyRecord.load(warm_start) if warm_start else None
-    name = name or f"{Path(path).stem}-{datetime.now():%Y%m%d-%H%M%S}"
-    check_name(name)
-    if (StudyRecord.folder(name) / "study.json").exists():
-        raise InputError(f"study '{name}' already exists; continue it with `qlora-tune resume {name}` or pick another --name")
     if address is None:  # a local cluster: what it will have is known before Ray starts
         import psutil
 
         check_resources(study, str(path), {"GPU": local_gpus(), "CPU": psutil.cpu_count()})
-    from trainables.data import load_dataset
-    from tuner.defaults import BUDGETED_TRIALS, adapt
-
-    data = load_dataset(study.data)  # bad data fails here, before Ray starts
+    data = load_dataset(study.data)
     study = adapt(study, len(data.train.texts))
-    space = parse_search(study, str(path))  # the default space, where the file gave none, is now decided
+    return study, parse_search(study, str(path)), data
+
+
+def _place(study: StudyConfig, space: SearchSpace, path: Path, data: Dataset,
+           refit: bool) -> tuple[StudyConfig, dict[str, float]]:
+    """On the connected cluster: the study with ``gpu: auto`` resolved, and the resources per trial."""
+    import ray
+
+    from tuner.packing import resolve_auto_gpu
+
+    study = resolve_auto_gpu(study, space, str(path), data.label_names, ray.cluster_resources(), refit)
+    return study, check_resources(study, str(path), ray.cluster_resources())
+
+
+def _count(study: StudyConfig) -> str:
+    from tuner.defaults import BUDGETED_TRIALS
+
+    return f"trials for {study.time_budget_s:g} s" if study.time_budget_s and study.num_trials >= BUDGETED_TRIALS \
+        else f"{study.num_trials} trials"
+
+
+def _per_trial(study: StudyConfig, space: SearchSpace, res: dict[str, float]) -> str:
+    workers = f" x {study.resources_per_trial.workers} workers" if study.resources_per_trial.workers > 1 else ""
+    return f"{_count(study)}, approaches {space.approaches(study.approach)}, {res} per trial{workers}"
+
+
+def plan_study(path: Path, overrides: list[str], address: str | None, refit: bool = False) -> StudyConfig:
+    """What ``run`` would do, without running a trial: the study checked, ``gpu: auto`` resolved (its fit
+    kept in the fit cache for the run), and the plan printed."""
+    import ray
+
+    study, space, data = _load(path, overrides, address)
+    connect(address)
+    study, res = _place(study, space, path, data, refit)
+    cluster = ray.cluster_resources()
+    fits = [cluster.get("CPU", 0.0) / (res["cpu"] * study.resources_per_trial.workers)]
+    if res["gpu"] > 0:
+        fits.append(cluster.get("GPU", 0.0) / res["gpu"])
+    at_once = min(_concurrency(study, res, cluster) or study.num_trials, int(min(fits) + 1e-9), study.num_trials)
+    console.print(f"[bold]plan[/] {path}: {_per_trial(study, space, res)}; up to {at_once} at once on this "
+                  f"cluster ({cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} GPUs); "
+                  f"{len(data.train.texts)} training rows, labels {data.label_names}", soft_wrap=True)
+    for block, params in space.describe().items():
+        for key, d in params.items():
+            kind, values = next((k, v) for k, v in d.items() if k != "log")
+            console.print(f"  {'' if block == 'common' else block + ': '}{key}: {kind} {list(values)}", soft_wrap=True)
+    return study
+
+
+def run_study(path: Path, overrides: list[str], name: str | None, address: str | None,
+              warm_start: str | None = None, refit: bool = False) -> StudyRecord:
+    """Start a study; ``warm_start`` names an earlier one whose trials Optuna starts from; ``refit``
+    measures ``gpu: auto``'s footprint again, even where the fit cache has it."""
+    from ray import tune
+
+    lap = _Laps()
+    name = name or f"{Path(path).stem}-{datetime.now():%Y%m%d-%H%M%S}"
+    check_name(name)
+    if (StudyRecord.folder(name) / "study.json").exists():
+        raise InputError(f"study '{name}' already exists; continue it with `qlora-tune resume {name}` or pick another --name")
+    study, space, data = _load(path, overrides, address)
+    old = StudyRecord.load(warm_start) if warm_start else None
     uri = tracking.resolve_tracking_uri(study.tracking.tracking_uri)
     tracking.require_server(uri)
     warm: list = []
@@ -108,12 +165,9 @@ def run_study(path: Path, overrides: list[str], name: str | None, address: str |
     connect(address)
     import ray
 
-    from tuner.packing import resolve_auto_gpu
-
     lap("ray")
-    study = resolve_auto_gpu(study, space, str(path), data.label_names, ray.cluster_resources())  # recorded resolved
+    study, res = _place(study, space, path, data, refit)  # recorded resolved
     lap("gpu_auto")
-    res = check_resources(study, str(path), ray.cluster_resources())
     c = R.client(uri)
     exp_id = tracking.experiment_id(c, study.tracking.experiment, study.tracking.artifact_location)
     tags = {"data_fingerprint": data.fingerprint(), "versions": json.dumps(_versions())}
@@ -141,11 +195,8 @@ def run_study(path: Path, overrides: list[str], name: str | None, address: str |
         raise
     lap("tracking")
     rec.start_phases = dict(lap.phases)  # saved when the trials start (_fit)
-    workers = f" x {study.resources_per_trial.workers} workers" if study.resources_per_trial.workers > 1 else ""
-    count = f"trials for {study.time_budget_s:g} s" if study.time_budget_s and study.num_trials >= BUDGETED_TRIALS \
-        else f"{study.num_trials} trials"
-    console.print(f"[bold]study[/] {name}: {count}, approaches {space.approaches(study.approach)}, "
-                  f"{res} per trial{workers}; MLflow experiment '{study.tracking.experiment}'")
+    console.print(f"[bold]study[/] {name}: {_per_trial(study, space, res)}; MLflow experiment "
+                  f"'{study.tracking.experiment}'")
     console.print(f"[bold]MLflow UI[/]: {tracking.runs_link(uri, exp_id, name) or uri}", soft_wrap=True)
     return _fit(tuner, rec)
 
