@@ -666,6 +666,12 @@ def bench_study(tag: str, study_yaml: str, *sets: str) -> None:
     args = [sys.executable, "-m", "tuner.cli", "run", study_yaml, "--name", name]
     for kv in sets:
         args += ["--set", kv]
+    plan = {}
+    if os.environ.get("BENCH_PLAN_FIRST"):  # `qlora-tune plan` first, untimed: gpu: auto's fit then comes from its cache
+        t = time.time()
+        pp = subprocess.run([args[0], "-m", "tuner.cli", "plan", *args[4:5], *args[7:]], cwd=ROOT, capture_output=True, text=True)
+        plan = {"plan_s": time.time() - t, "plan_exit_code": pp.returncode}
+        print(pp.stdout[-2000:], pp.stderr[-2000:])
     with GpuSampler(gpus) as gs:
         t = time.time()
         p = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
@@ -707,7 +713,7 @@ def bench_study(tag: str, study_yaml: str, *sets: str) -> None:
            "trial_gpu_memory_peak_gb": [max(peaks, default=0.0), float(np.median(peaks)) if peaks else 0.0],
            "trial_gpu_memory_reserved_peak_gb": [max(reserved, default=0.0), float(np.median(reserved)) if reserved else 0.0],
            "tokens_trained": tokens,
-           "packing": [line for line in p.stdout.splitlines() if "resources_per_trial.gpu: auto" in line][:1]}
+           "packing": [line for line in p.stdout.splitlines() if "resources_per_trial.gpu: auto" in line][:1], **plan}
     n_lin = linear_parameters(model_config(rec.study.model))
     if n_lin:  # the study's MFU: every trial's training tokens (4 x linear params each) over the span and GPUs
         out["study_mfu"] = 4 * n_lin * tokens / (span * max(1, len(gpus)) * PEAK_BF16)
