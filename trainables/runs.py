@@ -32,6 +32,8 @@ GRAPHS_FAILED_TAG = "qlora_tune.cuda_graphs_failed"
 KIND_TAG = "qlora_tune.kind"  # study | trial | promotion
 NODE_TAG = "qlora_tune.node_id"  # the Ray node the trial (last) ran on
 PID_TAG = "qlora_tune.pid"  # the worker process the trial (last) ran in
+PROCESS_STARTED_TAG = "qlora_tune.process_started"  # when that process started (epoch seconds)
+ENTERED_TAG = "qlora_tune.entered"  # when the trial's function began in it (epoch seconds)
 
 
 class RunState(str, enum.Enum):
@@ -53,6 +55,12 @@ class RunState(str, enum.Enum):
     def has_model(self) -> bool:
         """Whether a run in this state holds a trained model folder."""
         return self in (RunState.COMPLETED, RunState.STOPPED_EARLY)
+
+
+def _process_started() -> float:
+    import psutil
+
+    return psutil.Process().create_time()
 
 
 def _node_id() -> str:
@@ -205,8 +213,9 @@ class TrialRun:
     sent with the next call; the trial only ends once everything is logged (up to ``patience_s``)."""
 
     def __init__(self, ctx, trial_id: str, trial_name: str, cfg: RunConfig, params: dict,
-                 patience_s: float = 300.0):
+                 patience_s: float = 300.0, entered: float | None = None):
         self.c = client(ctx.tracking_uri)
+        self.entered = entered
         self.patience_s = patience_s
         self._pending: list[tuple[dict, int]] = []
         self._warned = False
@@ -234,6 +243,9 @@ class TrialRun:
             log_params(self.c, self.run_id, P.to_mlflow(params))
         self.c.set_tag(self.run_id, NODE_TAG, _node_id())
         self.c.set_tag(self.run_id, PID_TAG, str(os.getpid()))
+        self.c.set_tag(self.run_id, PROCESS_STARTED_TAG, f"{_process_started():.3f}")
+        if self.entered:
+            self.c.set_tag(self.run_id, ENTERED_TAG, f"{self.entered:.3f}")
 
     def _retry(self, fn):
         """Call ``fn`` until it succeeds or ``patience_s`` runs out (then raise: Ray retries the trial)."""

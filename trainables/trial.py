@@ -62,6 +62,7 @@ def trial_config(ctx: TrialContext, params: dict[str, Any]):
 
 def train_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     """Ray Tune function trainable."""
+    entered = time.time()
     import ray.tune as tune
 
     from trainables.models import worker_device
@@ -74,13 +75,15 @@ def train_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     def report(metrics: dict, folder: Path | None) -> None:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder) if folder else None)
 
-    _train(params, ctx, tc.get_trial_id(), tc.get_trial_name(), tune.get_checkpoint(), report, dev=worker_device())
+    _train(params, ctx, tc.get_trial_id(), tc.get_trial_name(), tune.get_checkpoint(), report, dev=worker_device(),
+           entered=entered)
 
 
 def _train(params: dict[str, Any], ctx: TrialContext, trial_id: str, trial_name: str, checkpoint, report,
-           dev=None) -> None:
+           dev=None, entered: float | None = None) -> None:
     """Train one trial's adapter (on one worker, or as one worker of a data-parallel trial), calling
-    ``report(metrics, checkpoint_folder_or_None)`` every epoch. Only worker 0 logs and checkpoints."""
+    ``report(metrics, checkpoint_folder_or_None)`` every epoch. Only worker 0 logs and checkpoints.
+    ``entered``: when the trial's function began (its run records it)."""
     import torch
 
     from trainables.data import load_dataset
@@ -93,7 +96,7 @@ def _train(params: dict[str, Any], ctx: TrialContext, trial_id: str, trial_name:
     if ctx.cpus_per_trial >= 1:  # per trial, or per worker of a data-parallel trial
         torch.set_num_threads(int(ctx.cpus_per_trial))
     main = rank_and_world()[0] == 0
-    run = TrialRun(ctx, trial_id, trial_name, cfg, params) if main else None
+    run = TrialRun(ctx, trial_id, trial_name, cfg, params, entered=entered) if main else None
     if run and run.out_of_memory:  # Ray retries a failed trial; these settings would run out again
         raise OutOfGPUMemory(f"{run.out_of_memory} (in an earlier attempt; not retried)")
     started = time.time()

@@ -61,7 +61,8 @@ def trial_line(trial, what: str, metric: str, max_epochs: int) -> str:
 
 
 START_PARTS = {"load": "config and data", "ray": "Ray", "gpu_auto": "gpu: auto fit", "tracking": "MLflow",
-               "trial_start": "first trial's process"}
+               "trial_start": "first trial's process", "trial_process": "waiting for the first trial's process",
+               "trial_schedule": "Tune handing it the trial", "trial_imports": "the trial's imports until its run opened"}
 """How ``status`` names the parts of :func:`before_first_trial`."""
 
 
@@ -83,6 +84,8 @@ def study_rows(rec) -> pd.DataFrame:
             "gpu_seconds": run.data.metrics.get("gpu_seconds", 0.0),
             "wall_seconds": ((run.info.end_time or time.time() * 1000) - run.info.start_time) / 1000,
             "start_time": run.info.start_time / 1000,
+            "process_started": float(run.data.tags.get(R.PROCESS_STARTED_TAG, "nan")),
+            "entered": float(run.data.tags.get(R.ENTERED_TAG, "nan")),
             **{k: run.data.metrics.get(k, 0.0) for k in TIME_PARTS},
             "reason": run.data.tags.get(R.REASON_TAG, ""),
             "cuda_graphs_failed": run.data.tags.get(R.GRAPHS_FAILED_TAG, ""),
@@ -142,12 +145,22 @@ def time_in_trials(df: pd.DataFrame) -> dict:
 def before_first_trial(rec, df: pd.DataFrame) -> dict:
     """Seconds from the CLI's start to the first trial's run (``seconds``), by part (``parts``): the
     driver's steps (:attr:`StudyRecord.start_phases`), then ``trial_start``, Ray Tune starting the
-    first trial's process until its run opens. Empty for a study recorded without them."""
+    first trial's process until its run opens, in three where the run says when its process started
+    and its function began: ``trial_process`` (waiting for a process: none where Ray had one ready),
+    ``trial_schedule`` (Tune handing the process the trial) and ``trial_imports`` (the function's
+    imports and data until the run opened). Empty for a study recorded without them."""
     if not rec.start_phases:
         return {}
     parts = dict(rec.start_phases)
     if rec.trials_started and len(df):
-        parts["trial_start"] = max(0.0, float(df["start_time"].min()) - rec.trials_started)
+        first = df.loc[df["start_time"].idxmin()]
+        t0, opened = rec.trials_started, float(first["start_time"])
+        began, entered = first.get("process_started", math.nan), first.get("entered", math.nan)
+        if t0 <= entered <= opened and began <= entered:
+            began = max(began, t0)
+            parts.update(trial_process=began - t0, trial_schedule=entered - began, trial_imports=opened - entered)
+        else:
+            parts["trial_start"] = max(0.0, opened - t0)
     return {"seconds": sum(parts.values()), "parts": parts}
 
 
