@@ -15,6 +15,7 @@ Needs the twitter-financial-news CSVs in .devdata/ and a CUDA GPU.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -90,15 +91,20 @@ def run_config(approach: str, quant: str = "nf4", rows: int = 2000, epochs: int 
 
 def ours(approach: str, quant: str, rows: int = 2000, epochs: int = 2, batch: int = 64, lr: float | None = None,
          r: int = 16, eval_file: str = "valid.csv", warm: int = 10, reuse: bool = False, every_bucket: bool = False,
-         **training):
+         masked_attention: bool = False, **training):
     """One run of our Trainer. Besides samples/s over the whole run, the steady rate after ``warm``
-    optimizer steps: the same rule the reference recipe is timed by."""
+    optimizer steps: the same rule the reference recipe is timed by. ``masked_attention``: the base keeps
+    transformers' SDPA with its padding mask (before models.right_padded_attention)."""
+    from unittest import mock
+
+    from trainables import models
     from trainables.data import load_dataset
     from trainables.loop import Trainer
 
     cfg = run_config(approach, quant, rows, epochs, batch, lr, r, eval_file, **training)
     t0 = time.perf_counter()
-    tr = Trainer(cfg, load_dataset(cfg.data), log=print, reuse=reuse, every_bucket=every_bucket)
+    with mock.patch.object(models, "right_padded_attention", lambda m: False) if masked_attention else contextlib.nullcontext():
+        tr = Trainer(cfg, load_dataset(cfg.data), log=print, reuse=reuse, every_bucket=every_bucket)
     n = tr.examples_per_epoch
     per_epoch = math.ceil(n / batch)
     sizes = ([batch] * (per_epoch - 1) + [n - batch * (per_epoch - 1)]) * epochs
@@ -236,6 +242,10 @@ SPEED_VARIANTS = {
     "head_deq_b32_unfused": ("head", "nf4", {"dequantize_base": True, "batch": 32, "r": 32, "lr": 1e-3, "fused_lora": False}),
     "generation_deq_b32_unfused": ("generation", "nf4", {"dequantize_base": True, "batch": 32, "r": 32, "lr": 1e-3,
                                                          "fused_lora": False}),
+    # the base's attention with transformers' padding mask (before models.right_padded_attention)
+    "head_deq_b32_masked": ("head", "nf4", {"dequantize_base": True, "batch": 32, "r": 32, "lr": 1e-3, "masked_attention": True}),
+    "generation_deq_b32_masked": ("generation", "nf4", {"dequantize_base": True, "batch": 32, "r": 32, "lr": 1e-3,
+                                                        "masked_attention": True}),
     "head_nf4_b32_every": ("head", "nf4", {"dequantize_base": False, "batch": 32, "r": 32, "lr": 1e-3, "every_bucket": True}),
     "generation_nf4_b32_every": ("generation", "nf4", {"dequantize_base": False, "batch": 32, "r": 32, "lr": 1e-3,
                                                        "every_bucket": True}),
@@ -432,7 +442,7 @@ def dequantize_layers(model) -> None:
 
 
 OURS_MFU = dict(batch=32, seq=256, ckpt=False, targets="all-linear", autocast=True, mode="eager", deq=False, liger=False,
-                fused=False)
+                fused=False, rpa=False)
 """Our settings for the MFU part: 32 x 256 tokens, LoRA r16 on all linear layers, bf16 autocast, the NF4 kernels."""
 MFU_VARIANTS = {  # name: what differs from OURS_MFU (MFU_VARIANTS in the environment picks some)
     "reference": dict(batch=8, seq=512, ckpt=True, targets=["q_proj", "k_proj", "v_proj", "o_proj"], autocast=False),
@@ -453,6 +463,10 @@ MFU_VARIANTS = {  # name: what differs from OURS_MFU (MFU_VARIANTS in the enviro
     "ours_deq_graphs_liger_fused": dict(deq=True, mode="graphs", liger=True, fused=True),
     "ours_deq_liger_fused": dict(deq=True, liger=True, fused=True),
     "ours_deq_graphs_liger_fused_b64": dict(deq=True, mode="graphs", liger=True, fused=True, batch=64),
+    # causal attention without a mask (models.right_padded_attention, as the trainer's bases have): no mask built
+    # inside a CUDA graph capture (transformers 5.17 builds one there), SDPA's causal kernels with grouped K/V
+    "ours_deq_graphs_liger_fused_rpa": dict(deq=True, mode="graphs", liger=True, fused=True, rpa=True),
+    "ours_deq_graphs_liger_fused_rpa_b64": dict(deq=True, mode="graphs", liger=True, fused=True, rpa=True, batch=64),
 }
 
 
@@ -476,6 +490,10 @@ def bench_mfu() -> None:
             model = opt = graphed = None
             try:
                 model, n_lin = nf4_model(shape)
+                if v["rpa"]:
+                    from trainables.models import right_padded_attention
+
+                    assert right_padded_attention(model)
                 if v["deq"]:
                     dequantize_layers(model)
                 if v["liger"]:

@@ -1,7 +1,7 @@
 """Where an NF4/dequantized LoRA step of a random Llama shape spends its GPU time: CUDA kernel time by
 kernel (torch.profiler over eager steps, so every kernel shows), and the GEMMs' share of it.
 
-    python benchmarks/mfu_profile.py 1b [deq] [liger] [fused] [graphs] [nocudnn] [batch=32] [seq=256]
+    python benchmarks/mfu_profile.py 1b [deq] [liger] [fused] [graphs] [nocudnn] [rpa] [batch=32] [seq=256]
 
 ``graphs``: the step replayed from a CUDA graph too (StepGraphs), profiled the same way (kernels
 launched from a graph show in the profile): how its kernel time and wall time compare with eager's.
@@ -29,6 +29,10 @@ batch, seq = int(opts.get("batch", 32)), int(opts.get("seq", 256))
 if "nocudnn" in args:  # PyTorch's flash attention kernels instead of cuDNN's
     torch.backends.cuda.enable_cudnn_sdp(False)
 model, n_lin = bench.nf4_model(shape)
+if "rpa" in args:  # causal attention without a mask, as the trainer's bases have (models.right_padded_attention)
+    from trainables.models import right_padded_attention
+
+    assert right_padded_attention(model)
 if "deq" in args:
     bench.dequantize_layers(model)
 if "liger" in args:

@@ -410,3 +410,35 @@ def test_a_kept_model_serves_trials_with_another_lora_alpha_and_dropout(tiny_csv
     assert (saved["lora_alpha"], saved["lora_dropout"]) == (32, 0.2)
     wider = cfg(**{"lora.r": 4})
     assert Trainer(wider, load_dataset(wider.data), log=lambda *_: None, reuse=True).model is not first.model
+
+
+@pytest.mark.parametrize("approach", ["head", "generation"])
+def test_right_padded_batches_score_as_with_a_mask(tiny_csv, approach):
+    """Batches are padded on the right, so models run causal attention without a mask
+    (``models.right_padded_attention``): on a batch of rows of several lengths the scores and the
+    loss are those of transformers' masked SDPA, and so is a greedy completion."""
+    from trainables.models import RIGHT_PADDED_SDPA
+
+    tr = _trainer(tiny_csv, approach=approach)
+    base = tr.model.get_base_model()
+    assert base.config._attn_implementation == RIGHT_PADDED_SDPA
+    rows = sorted(tr.encoded["eval"], key=lambda e: len(e.input_ids))
+    scored = tr.approach.collate([rows[0], rows[len(rows) // 2], rows[-1]], train=False)
+    trained = tr.approach.collate(tr.train_examples[:5], train=True)
+    assert (scored["attention_mask"] == 0).any() and (trained["attention_mask"] == 0).any()
+    tr.model.eval()
+
+    def outputs():
+        with torch.no_grad():
+            done = {"scores": tr.approach.log_scores(tr.model, scored), "loss": tr.approach.loss(tr.model, trained, None)}
+        if approach == "generation":
+            done["completion"] = tr.approach.generate(tr.model, ["what a day, just"], torch.device("cpu"), 4)
+        return done
+
+    ours = outputs()
+    base.set_attn_implementation("sdpa")
+    theirs = outputs()
+    base.set_attn_implementation(RIGHT_PADDED_SDPA)
+    torch.testing.assert_close(ours["scores"], theirs["scores"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours["loss"], theirs["loss"], atol=1e-5, rtol=1e-5)
+    assert ours.get("completion") == theirs.get("completion")

@@ -260,7 +260,41 @@ def _load_base(cfg: RunConfig, path: Path, num_labels: int, pad_token_id: int, d
     for p in model.parameters():
         p.requires_grad_(False)
     keep_4bit_out_of_cpu_packing(model)
+    right_padded_attention(model)
     return model
+
+
+RIGHT_PADDED_SDPA = "qlora_tune_right_padded_sdpa"
+"""The attention implementation :func:`right_padded_attention` gives a model."""
+
+
+def right_padded_attention(model) -> bool:
+    """Give ``model`` causal attention without a mask, where its attention is PyTorch's SDPA over
+    full (not sliding-window) causal layers. Every batch here is padded on the right
+    (:meth:`Approach._pad`): causal attention alone keeps each real token from the padding after it,
+    and nothing reads a pad position's output (the head takes the last non-pad token, generation the
+    label positions, completion one unpadded prompt at a time). Without a mask SDPA runs its causal
+    flash or cuDNN kernels with grouped key/value heads; with one (transformers builds it for any
+    padded batch, and for every batch inside a CUDA graph capture in 5.17) it falls back to slower
+    masked kernels and copies K and V per head. Through transformers' public attention and mask
+    registries; returns whether it applied."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface
+
+    c = model.config
+    if (getattr(c, "_attn_implementation", None) != "sdpa" or not getattr(c, "is_causal", True)
+            or getattr(c, "sliding_window", None) or getattr(c, "layer_types", None) and set(c.layer_types) != {"full_attention"}):
+        return False
+    AttentionInterface.register(RIGHT_PADDED_SDPA, sdpa_attention_forward)
+    AttentionMaskInterface.register(RIGHT_PADDED_SDPA, _no_mask)
+    model.set_attn_implementation(RIGHT_PADDED_SDPA)
+    return True
+
+
+def _no_mask(*args, **kwargs):
+    """The mask of :data:`RIGHT_PADDED_SDPA`: none (causal attention, SDPA's ``is_causal``)."""
+    return None
 
 
 def dequantized(base):
