@@ -66,10 +66,14 @@ def _trainable(rec: StudyRecord, res: dict[str, float]):
 def _concurrency(study: StudyConfig, res: dict[str, float], cluster: dict[str, float]) -> int | None:
     """Data-parallel trials reserve their workers themselves, so Tune would start every trial at once:
     by default run as many as the cluster holds."""
-    r = study.resources_per_trial
-    if study.max_concurrent_trials or r.workers == 1:
+    if study.max_concurrent_trials or study.resources_per_trial.workers == 1:
         return study.max_concurrent_trials
-    fits = [cluster.get("CPU", 0.0) / (res["cpu"] * r.workers)]
+    return _fitting(study, res, cluster)
+
+
+def _fitting(study: StudyConfig, res: dict[str, float], cluster: dict[str, float]) -> int:
+    """How many trials of ``res`` (per worker's CPUs; GPUs per trial) the cluster's CPUs and GPUs hold at once."""
+    fits = [cluster.get("CPU", 0.0) / (res["cpu"] * study.resources_per_trial.workers)]
     if res["gpu"] > 0:
         fits.append(cluster.get("GPU", 0.0) / res["gpu"])
     return max(1, int(min(fits) + 1e-9))
@@ -123,10 +127,7 @@ def plan_study(path: Path, overrides: list[str], address: str | None, refit: boo
     connect(address)
     study, res = _place(study, space, path, data, refit)
     cluster = ray.cluster_resources()
-    fits = [cluster.get("CPU", 0.0) / (res["cpu"] * study.resources_per_trial.workers)]
-    if res["gpu"] > 0:
-        fits.append(cluster.get("GPU", 0.0) / res["gpu"])
-    at_once = min(_concurrency(study, res, cluster) or study.num_trials, int(min(fits) + 1e-9), study.num_trials)
+    at_once = min(study.max_concurrent_trials or study.num_trials, _fitting(study, res, cluster), study.num_trials)
     console.print(f"[bold]plan[/] {path}: {_per_trial(study, space, res)}; up to {at_once} at once on this "
                   f"cluster ({cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} GPUs); "
                   f"{len(data.train.texts)} training rows, labels {data.label_names}", soft_wrap=True)
