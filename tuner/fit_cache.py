@@ -17,7 +17,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from trainables.footprint import Footprint
-from trainables.paths import home
+from trainables.paths import home, write_text_atomic
+from tuner.versions import installed
 
 LIBRARIES = ("qlora-tune", "torch", "transformers", "peft", "bitsandbytes", "liger-kernel", "triton")
 ENV = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
@@ -36,7 +37,7 @@ def fit_key(run_configs: list[dict], label_names: list[str], cluster: dict[str, 
         return None
     what = {"configs": [{k: v for k, v in c.items() if k != "data"} for c in run_configs],
             "labels": list(label_names), "card": kinds[0], "models": sorted({_model_identity(c["model"]) for c in run_configs}),
-            "versions": _versions(), "code": _code_digest(), "env": {k: os.environ.get(k) for k in ENV}}
+            "versions": installed(LIBRARIES), "code": _code_digest(), "env": {k: os.environ.get(k) for k in ENV}}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -51,12 +52,8 @@ def load(key: str) -> tuple[list[Footprint], str] | None:
 
 def save(key: str, fps: list[Footprint]) -> None:
     """Keep ``fps`` under ``key`` (written whole, then renamed: a reader never sees half a file)."""
-    p = _path(key)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"footprints": [asdict(f) for f in fps],
-                               "measured": time.strftime("%Y-%m-%d %H:%M")}, indent=2))
-    tmp.replace(p)
+    write_text_atomic(_path(key), json.dumps({"footprints": [asdict(f) for f in fps],
+                                              "measured": time.strftime("%Y-%m-%d %H:%M")}, indent=2))
 
 
 def _path(key: str) -> Path:
@@ -71,18 +68,6 @@ def _model_identity(ref: str) -> str:
         return ref
     files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in p.iterdir() if f.is_file())
     return hashlib.sha256(json.dumps([(p / "config.json").read_text(), files]).encode()).hexdigest()
-
-
-def _versions() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out: dict[str, str | None] = {}
-    for lib in LIBRARIES:
-        try:
-            out[lib] = version(lib)
-        except PackageNotFoundError:
-            out[lib] = None
-    return out
 
 
 def _code_digest() -> str:

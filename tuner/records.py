@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from pathlib import Path
 
 from trainables.errors import InputError
-from trainables.paths import home
+from trainables.paths import home, write_text_atomic
 from tuner.study_config import StudyConfig
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -41,11 +40,7 @@ class StudyRecord:
         return home() / "studies" / name
 
     def save(self) -> None:
-        f = self.folder(self.name)
-        f.mkdir(parents=True, exist_ok=True)
-        tmp = f / "study.json.tmp"
-        tmp.write_text(json.dumps(dataclasses.asdict(self), indent=2))
-        os.replace(tmp, f / "study.json")
+        write_text_atomic(self.folder(self.name) / "study.json", json.dumps(dataclasses.asdict(self), indent=2))
 
     @classmethod
     def load(cls, name: str) -> "StudyRecord":

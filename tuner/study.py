@@ -21,9 +21,13 @@ from tuner.console import console
 from tuner.ray_cluster import check_resources, connect, local_gpus
 from tuner.records import StudyRecord, check_name
 from tuner.study_config import SearchSpace, StudyConfig, load_study, parse_search
+from tuner.versions import installed
 
 if TYPE_CHECKING:
     from trainables.data import Dataset
+
+STUDY_PACKAGES = ("qlora-tune", "ray", "torch", "transformers", "peft", "bitsandbytes", "optuna", "mlflow")
+"""The packages whose versions a study's run records."""
 
 # ------------------------------------------------------------------ run / resume
 
@@ -171,7 +175,7 @@ def run_study(path: Path, overrides: list[str], name: str | None, address: str |
     lap("gpu_auto")
     c = R.client(uri)
     exp_id = tracking.experiment_id(c, study.tracking.experiment, study.tracking.artifact_location)
-    tags = {"data_fingerprint": data.fingerprint(), "versions": json.dumps(_versions())}
+    tags = {"data_fingerprint": data.fingerprint(), "versions": json.dumps(installed(STUDY_PACKAGES))}
     if old is not None:
         tags.update({"warm_start": old.name, "warm_start_trials": str(len(warm))})
     parent_run_id = R.open_study_run(c, exp_id, name, tags)
@@ -359,15 +363,3 @@ def _close_cut_by_budget(c, rec: StudyRecord, run) -> None:
             return
         c.log_artifacts(run.info.run_id, str(model), L.RUN_MODEL_ARTIFACT)
     R.set_state(c, run.info.run_id, R.RunState.STOPPED_EARLY, f"stopped by the time budget after epoch {epochs}")
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for p in ("qlora-tune", "ray", "torch", "transformers", "peft", "bitsandbytes", "optuna", "mlflow"):
-        try:
-            out[p] = version(p)
-        except PackageNotFoundError:
-            pass
-    return out
