@@ -288,7 +288,10 @@ def right_padded_attention(model) -> bool:
         return False
     AttentionInterface.register(RIGHT_PADDED_SDPA, sdpa_attention_forward)
     AttentionMaskInterface.register(RIGHT_PADDED_SDPA, _no_mask)
-    model.set_attn_implementation(RIGHT_PADDED_SDPA)
+    try:
+        model.set_attn_implementation(RIGHT_PADDED_SDPA)
+    except (ValueError, AttributeError, NotImplementedError):  # a model of its own code may refuse: it keeps SDPA
+        return False
     return True
 
 
