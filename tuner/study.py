@@ -149,11 +149,11 @@ def run_study(path: Path, overrides: list[str], name: str | None, address: str |
     from ray import tune
 
     lap = _Laps()
+    study, space, data = _load(path, overrides, address)
     name = name or f"{Path(path).stem}-{datetime.now():%Y%m%d-%H%M%S}"
     check_name(name)
     if (StudyRecord.folder(name) / "study.json").exists():
         raise InputError(f"study '{name}' already exists; continue it with `qlora-tune resume {name}` or pick another --name")
-    study, space, data = _load(path, overrides, address)
     old = StudyRecord.load(warm_start) if warm_start else None
     uri = tracking.resolve_tracking_uri(study.tracking.tracking_uri)
     tracking.require_server(uri)
