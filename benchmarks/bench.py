@@ -681,13 +681,13 @@ def bench_study(tag: str, study_yaml: str, *sets: str) -> None:
 
     gpus = visible_gpus()
     name = f"{tag}-{int(time.time())}"
-    args = [sys.executable, "-m", "tuner.cli", "run", study_yaml, "--name", name]
-    for kv in sets:
-        args += ["--set", kv]
+    overrides = [a for kv in sets for a in ("--set", kv)]
+    args = [sys.executable, "-m", "tuner.cli", "run", study_yaml, "--name", name, *overrides]
     plan = {}
     if os.environ.get("BENCH_PLAN_FIRST"):  # `qlora-tune plan` first, untimed: gpu: auto's fit then comes from its cache
         t = time.time()
-        pp = subprocess.run([args[0], "-m", "tuner.cli", "plan", *args[4:5], *args[7:]], cwd=ROOT, capture_output=True, text=True)
+        pp = subprocess.run([sys.executable, "-m", "tuner.cli", "plan", study_yaml, *overrides], cwd=ROOT,
+                            capture_output=True, text=True)
         plan = {"plan_s": time.time() - t, "plan_exit_code": pp.returncode}
         print(pp.stdout[-2000:], pp.stderr[-2000:])
     with GpuSampler(gpus) as gs:

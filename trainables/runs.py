@@ -215,13 +215,12 @@ class TrialRun:
     def __init__(self, ctx, trial_id: str, trial_name: str, cfg: RunConfig, params: dict,
                  patience_s: float = 300.0, entered: float | None = None):
         self.c = client(ctx.tracking_uri)
-        self.entered = entered
         self.patience_s = patience_s
         self._pending: list[tuple[dict, int]] = []
         self._warned = False
-        self._retry(lambda: self._open(ctx, trial_id, trial_name, cfg, params))
+        self._retry(lambda: self._open(ctx, trial_id, trial_name, cfg, params, entered))
 
-    def _open(self, ctx, trial_id, trial_name, cfg, params) -> None:
+    def _open(self, ctx, trial_id, trial_name, cfg, params, entered) -> None:
         found = find_runs(self.c, ctx.experiment_id, ctx.study, "trial", trial_id, ctx.parent_run_id)
         self.completed = bool(found) and state_of(found[0]) is RunState.COMPLETED
         self.out_of_memory = found[0].data.tags.get(OOM_TAG) if found else None
@@ -241,11 +240,12 @@ class TrialRun:
             self.run_id = run.info.run_id
             log_params(self.c, self.run_id, cfg.dump())
             log_params(self.c, self.run_id, P.to_mlflow(params))
-        self.c.set_tag(self.run_id, NODE_TAG, _node_id())
-        self.c.set_tag(self.run_id, PID_TAG, str(os.getpid()))
-        self.c.set_tag(self.run_id, PROCESS_STARTED_TAG, f"{_process_started():.3f}")
-        if self.entered:
-            self.c.set_tag(self.run_id, ENTERED_TAG, f"{self.entered:.3f}")
+        from mlflow.entities import RunTag
+
+        tags = {NODE_TAG: _node_id(), PID_TAG: str(os.getpid()), PROCESS_STARTED_TAG: f"{_process_started():.3f}"}
+        if entered:
+            tags[ENTERED_TAG] = f"{entered:.3f}"
+        self.c.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])  # one request, not one per tag
 
     def _retry(self, fn):
         """Call ``fn`` until it succeeds or ``patience_s`` runs out (then raise: Ray retries the trial)."""

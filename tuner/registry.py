@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from trainables import layout as L
@@ -13,14 +12,11 @@ MODEL_DIR_ARTIFACT = L.PYFUNC_MODEL_DIR
 
 def pip_requirements() -> list[str]:
     """Explicit requirements of the pyfunc model (the versions it was logged with)."""
-    reqs = []
-    for p in ("qlora-tune", "torch", "transformers", "peft", "bitsandbytes", "safetensors", "accelerate",
-              "pandas", "scikit-learn", "pyyaml", "gguf", "mlflow"):
-        try:
-            reqs.append(f"{p}=={version(p)}")
-        except PackageNotFoundError:
-            pass
-    return reqs
+    from tuner.versions import installed
+
+    return [f"{p}=={v}" for p, v in installed(("qlora-tune", "torch", "transformers", "peft", "bitsandbytes",
+                                               "safetensors", "accelerate", "pandas", "scikit-learn", "pyyaml",
+                                               "gguf", "mlflow")).items()]
 
 
 def log_classifier(folder: Path, name: str = "model", clf=None):
