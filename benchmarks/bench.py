@@ -642,6 +642,7 @@ class GpuSampler:
             pynvml.nvmlInit()
             self.nvml, self.handles = pynvml, [pynvml.nvmlDeviceGetHandleByIndex(i) for i in gpus]
         self.samples: list[list[float]] = []
+        self.times: list[float] = []
         self.mem: list[float] = [0.0] * len(gpus)
         self.stop_flag = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -653,6 +654,7 @@ class GpuSampler:
                 row.append(self.nvml.nvmlDeviceGetUtilizationRates(h).gpu)
                 self.mem[i] = max(self.mem[i], self.nvml.nvmlDeviceGetMemoryInfo(h).used / 2**30)
             self.samples.append(row)
+            self.times.append(time.time())
 
     def __enter__(self):
         self.thread.start()
@@ -700,6 +702,7 @@ def bench_study(tag: str, study_yaml: str, *sets: str) -> None:
     summ = compute_summary(rec, df)
     c = R.client(rec.tracking_uri)
     rates, starts, ends, tokens, peaks, reserved = [], [], [], 0.0, [], []
+    timeline = []  # per trial: when its process started, its function began, its run opened and ended, and its metrics
     for run_id in df["run_id"]:
         h = c.get_metric_history(run_id, "train_samples_per_second")
         rates += [m.value for m in h]
@@ -707,7 +710,13 @@ def bench_study(tag: str, study_yaml: str, *sets: str) -> None:
         tokens += sum(m.value * secs.get(m.step, 0.0) for m in c.get_metric_history(run_id, "train_tokens_per_second"))
         peaks += [max((m.value for m in c.get_metric_history(run_id, "gpu_memory_peak_gb")), default=0.0)]
         reserved += [max((m.value for m in c.get_metric_history(run_id, "gpu_memory_reserved_peak_gb")), default=0.0)]
-        info = c.get_run(run_id).info
+        run = c.get_run(run_id)
+        info = run.info
+        timeline.append({"trial_id": run.data.tags.get(R.TRIAL_TAG), "state": run.data.tags.get(R.STATE_TAG),
+                         "approach": run.data.tags.get("approach"), "pid": run.data.tags.get(R.PID_TAG),
+                         "process_started": run.data.tags.get(R.PROCESS_STARTED_TAG),
+                         "entered": run.data.tags.get(R.ENTERED_TAG), "opened": info.start_time / 1000,
+                         "ended": (info.end_time or 0) / 1000, **run.data.params, **run.data.metrics})
         starts.append(info.start_time / 1000)
         ends.append((info.end_time or info.start_time) / 1000)
     span = max(ends) - min(starts)  # first trial start to last trial end: the study's own overhead excluded
@@ -732,6 +741,12 @@ def bench_study(tag: str, study_yaml: str, *sets: str) -> None:
            "trial_gpu_memory_reserved_peak_gb": [max(reserved, default=0.0), float(np.median(reserved)) if reserved else 0.0],
            "tokens_trained": tokens,
            "packing": [line for line in p.stdout.splitlines() if "resources_per_trial.gpu: auto" in line][:1], **plan}
+    import pandas as pd  # the trials' timeline and the GPU samples beside the results file, to see where the GPU idled
+
+    folder = RESULTS.parent
+    pd.DataFrame(timeline).assign(cli_started=t).to_csv(folder / f"study_{tag}_trials.csv", index=False)
+    pd.DataFrame({"time": gs.times, **{f"gpu{i}": [r[i] for r in gs.samples] for i in range(len(gs.handles))}}) \
+        .to_csv(folder / f"study_{tag}_gpu_util.csv", index=False)
     n_lin = linear_parameters(model_config(rec.study.model))
     if n_lin:  # the study's MFU: every trial's training tokens (4 x linear params each) over the span and GPUs
         out["study_mfu"] = 4 * n_lin * tokens / (span * max(1, len(gpus)) * PEAK_BF16)

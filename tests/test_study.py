@@ -368,6 +368,12 @@ def test_failing_trial_is_errored_with_reason_and_the_study_goes_on(tmp_path, ya
             assert r.info.status == "FAILED" and "no_such_proj" in r.data.tags[R.REASON_TAG]
     s = run_cli("status", "with-errors")
     assert s.returncode == 0 and "errored" in s.stdout
+    # with no max_concurrent_trials, Tune starts as many trials at once as the cluster holds (2 here):
+    # the second trial's process starts before the first one's function begins, not after (Tune's own
+    # default with a searcher: one pending trial at a time)
+    first, second = sorted(runs, key=lambda r: float(r.data.tags[R.PROCESS_STARTED_TAG]))[:2]
+    assert float(second.data.tags[R.PROCESS_STARTED_TAG]) < float(first.data.tags[R.ENTERED_TAG]), \
+        [(r.data.tags[R.PROCESS_STARTED_TAG], r.data.tags[R.ENTERED_TAG]) for r in (first, second)]
 
 
 def test_trials_out_of_gpu_memory_end_errored_unretried_and_counted(tmp_path, yaml_file, ray_cluster, mlflow_server):

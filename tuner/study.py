@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -83,6 +84,13 @@ def _fitting(study: StudyConfig, res: dict[str, float], cluster: dict[str, float
     return max(1, int(min(fits) + 1e-9))
 
 
+def _pending_trials(study: StudyConfig, res: dict[str, float], cluster: dict[str, float]) -> int:
+    """How many trials Tune may start at once. With a searcher and no concurrency limit Tune keeps one
+    trial pending: each trial's process then starts only once the one before has begun (on an H200,
+    ten trials' processes started 4-5 s apart). As many as run at once start together instead."""
+    return min(study.max_concurrent_trials or study.num_trials, _fitting(study, res, cluster), study.num_trials)
+
+
 def _load(path: Path, overrides: list[str], address: str | None) -> tuple[StudyConfig, SearchSpace, Dataset]:
     """The study file read and checked, its data loaded (bad data fails here, before Ray starts), and
     what depends on the data (the default space, batch sizes for the data's size) decided."""
@@ -131,7 +139,7 @@ def plan_study(path: Path, overrides: list[str], address: str | None, refit: boo
     connect(address)
     study, res = _place(study, space, path, data, refit)
     cluster = ray.cluster_resources()
-    at_once = min(study.max_concurrent_trials or study.num_trials, _fitting(study, res, cluster), study.num_trials)
+    at_once = _pending_trials(study, res, cluster)
     console.print(f"[bold]plan[/] {path}: {_per_trial(study, space, res)}; up to {at_once} at once on this "
                   f"cluster ({cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} GPUs); "
                   f"{len(data.train.texts)} training rows, labels {data.label_names}", soft_wrap=True)
@@ -203,7 +211,7 @@ def run_study(path: Path, overrides: list[str], name: str | None, address: str |
     console.print(f"[bold]study[/] {name}: {_per_trial(study, space, res)}; MLflow experiment "
                   f"'{study.tracking.experiment}'")
     console.print(f"[bold]MLflow UI[/]: {tracking.runs_link(uri, exp_id, name) or uri}", soft_wrap=True)
-    return _fit(tuner, rec)
+    return _fit(tuner, rec, _pending_trials(study, res, ray.cluster_resources()))
 
 
 def resume_study(name: str, address: str | None) -> StudyRecord:
@@ -226,7 +234,7 @@ def resume_study(name: str, address: str | None) -> StudyRecord:
     rec.save()
     console.print(f"[bold]resuming[/] {name} from {rec.experiment_path}")
     tuner = tune.Tuner.restore(rec.experiment_path, trainable=_trainable(rec, res), resume_errored=True)
-    return _fit(tuner, rec)
+    return _fit(tuner, rec, _pending_trials(rec.study, res, ray.cluster_resources()))
 
 
 def _tune_config(study: StudyConfig, space, max_concurrent: int | None, warm_trials: list = (),
@@ -283,7 +291,22 @@ def _run_config(rec: StudyRecord, study: StudyConfig):
     )
 
 
-def _fit(tuner, rec: StudyRecord) -> StudyRecord:
+@contextlib.contextmanager
+def _env_default(name: str, value: str):
+    """``os.environ[name] = value`` for the block, unless it is set already."""
+    own = name not in os.environ
+    if own:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if own:
+            os.environ.pop(name, None)
+
+
+def _fit(tuner, rec: StudyRecord, pending: int) -> StudyRecord:
+    """Run the trials (``pending``: how many Tune may start at once, :func:`_pending_trials`; a
+    ``TUNE_MAX_PENDING_TRIALS_PG`` of the user's stands), then end the study."""
     import signal
 
     t0 = time.time()
@@ -293,7 +316,8 @@ def _fit(tuner, rec: StudyRecord) -> StudyRecord:
     interrupted = False
     before = signal.getsignal(signal.SIGINT)
     try:
-        results = tuner.fit()
+        with _env_default("TUNE_MAX_PENDING_TRIALS_PG", str(pending)):  # Tune reads it as the fit starts
+            results = tuner.fit()
         # Ray Tune catches Ctrl-C itself and returns normally; its handler puts the previous one back
         # only when it fired, so a handler that is no longer Ray's means the study was interrupted
         ctrl_c = compat.tune_was_interrupted(signal.getsignal(signal.SIGINT))
