@@ -741,6 +741,11 @@ def bench_study(tag: str, study_yaml: str, *sets: str) -> None:
            "trial_gpu_memory_reserved_peak_gb": [max(reserved, default=0.0), float(np.median(reserved)) if reserved else 0.0],
            "tokens_trained": tokens,
            "packing": [line for line in p.stdout.splitlines() if "resources_per_trial.gpu: auto" in line][:1], **plan}
+    parent = c.get_run(rec.parent_run_id).info
+    if rec.trials_returned and parent.end_time:  # after the last trial: Tune's end, the study's report, the CLI's exit
+        out["after_last_trial_parts"] = {"tune": rec.trials_returned - max(ends),
+                                         "report": parent.end_time / 1000 - rec.trials_returned,
+                                         "exit": t + wall - parent.end_time / 1000}
     import pandas as pd  # the trials' timeline and the GPU samples beside the results file, to see where the GPU idled
 
     folder = RESULTS.parent

@@ -34,6 +34,8 @@ class StudyRecord:
     ``tracking`` (experiment, parent run, logged config)."""
     trials_started: float = 0.0
     """When Ray Tune was asked to start the trials (seconds since the epoch; 0: not yet)."""
+    trials_returned: float = 0.0
+    """When Ray Tune returned from the trials, before the study's report (0: not yet)."""
 
     @staticmethod
     def folder(name: str) -> Path:

@@ -84,6 +84,31 @@ def _fitting(study: StudyConfig, res: dict[str, float], cluster: dict[str, float
     return max(1, int(min(fits) + 1e-9))
 
 
+AFTER_RAY = ("mlflow.tracking", "optuna", "ray.tune.search.optuna", "ray.tune.execution.tune_controller",
+             "tuner.searcher", "tuner.callbacks", "tuner.packing", "tuner.summary",
+             "optuna.importance", "optuna.visualization.matplotlib", "matplotlib.pyplot")
+"""What a study imports once Ray has started, for its trials and for its report at the end (about 4 s
+on a CPU): imported while Ray starts, when the driver mostly waits for Ray's processes."""
+
+
+def _import_in_background(modules: tuple[str, ...]):
+    """Import ``modules`` in a thread of their own, started here; the study's own imports of them wait
+    for it where it is still at one (one that fails here fails again, and is reported, there)."""
+    import importlib
+    import threading
+
+    def run() -> None:
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - see above
+                pass
+
+    thread = threading.Thread(target=run, name="qlora-tune-imports", daemon=True)
+    thread.start()
+    return thread
+
+
 def _pending_trials(study: StudyConfig, res: dict[str, float], cluster: dict[str, float]) -> int:
     """How many trials Tune may start at once. With a searcher and no concurrency limit Tune keeps one
     trial pending: each trial's process then starts only once the one before has begun (on an H200,
@@ -136,7 +161,7 @@ def plan_study(path: Path, overrides: list[str], address: str | None, refit: boo
     import ray
 
     study, space, data = _load(path, overrides, address)
-    connect(address)
+    connect(address, dashboard=False)
     study, res = _place(study, space, path, data, refit)
     cluster = ray.cluster_resources()
     at_once = _pending_trials(study, res, cluster)
@@ -175,7 +200,8 @@ def run_study(path: Path, overrides: list[str], name: str | None, address: str |
                       f"trials rerun its best of each approach ({len(first)})"
                       + ("".join(f"\n  {n}" for n in notes) if notes else ""), soft_wrap=True)
     lap("load")
-    connect(address)
+    _import_in_background(AFTER_RAY)
+    connect(address, dashboard=False)
     import ray
 
     lap("ray")
@@ -222,7 +248,7 @@ def resume_study(name: str, address: str | None) -> StudyRecord:
         console.print(f"study {name} is already complete")
         return rec
     tracking.require_server(rec.tracking_uri) if rec.tracking_uri.startswith("http") else None
-    connect(address)
+    connect(address, dashboard=False)
     import ray
 
     res = check_resources(rec.study, name, ray.cluster_resources())
@@ -318,6 +344,7 @@ def _fit(tuner, rec: StudyRecord, pending: int) -> StudyRecord:
     try:
         with _env_default("TUNE_MAX_PENDING_TRIALS_PG", str(pending)):  # Tune reads it as the fit starts
             results = tuner.fit()
+        rec.trials_returned = time.time()  # saved with the report
         # Ray Tune catches Ctrl-C itself and returns normally; its handler puts the previous one back
         # only when it fired, so a handler that is no longer Ray's means the study was interrupted
         ctrl_c = compat.tune_was_interrupted(signal.getsignal(signal.SIGINT))
