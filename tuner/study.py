@@ -91,9 +91,9 @@ AFTER_RAY = ("mlflow.tracking", "optuna", "ray.tune.search.optuna", "ray.tune.ex
 on a CPU): imported while Ray starts, when the driver mostly waits for Ray's processes."""
 
 
-def _import_in_background(modules: tuple[str, ...]):
-    """Import ``modules`` in a thread of their own, started here; the study's own imports of them wait
-    for it where it is still at one (one that fails here fails again, and is reported, there)."""
+def _import_in_background(modules: tuple[str, ...]) -> None:
+    """Import ``modules`` in a thread of their own; the study's own imports of them wait for it where it
+    is still at one (one that fails here fails again, and is reported, there)."""
     import importlib
     import threading
 
@@ -104,15 +104,13 @@ def _import_in_background(modules: tuple[str, ...]):
             except Exception:  # noqa: BLE001 - see above
                 pass
 
-    thread = threading.Thread(target=run, name="qlora-tune-imports", daemon=True)
-    thread.start()
-    return thread
+    threading.Thread(target=run, name="qlora-tune-imports", daemon=True).start()
 
 
 def _pending_trials(study: StudyConfig, res: dict[str, float], cluster: dict[str, float]) -> int:
     """How many trials Tune may start at once. With a searcher and no concurrency limit Tune keeps one
     trial pending: each trial's process then starts only once the one before has begun (on an H200,
-    ten trials' processes started 4-5 s apart). As many as run at once start together instead."""
+    eleven trials' processes started 4-5 s apart). As many as run at once start together instead."""
     return min(study.max_concurrent_trials or study.num_trials, _fitting(study, res, cluster), study.num_trials)
 
 
