@@ -107,6 +107,13 @@ def _import_in_background(modules: tuple[str, ...]) -> None:
     threading.Thread(target=run, name="qlora-tune-imports", daemon=True).start()
 
 
+def _connect_for_trials(address: str | None) -> None:
+    """Join or start the cluster a study's trials run on (its own local cluster without Ray's
+    dashboard), importing :data:`AFTER_RAY` meanwhile."""
+    _import_in_background(AFTER_RAY)
+    connect(address, dashboard=False)
+
+
 def _pending_trials(study: StudyConfig, res: dict[str, float], cluster: dict[str, float]) -> int:
     """How many trials Tune may start at once. With a searcher and no concurrency limit Tune keeps one
     trial pending: each trial's process then starts only once the one before has begun (on an H200,
@@ -198,8 +205,7 @@ def run_study(path: Path, overrides: list[str], name: str | None, address: str |
                       f"trials rerun its best of each approach ({len(first)})"
                       + ("".join(f"\n  {n}" for n in notes) if notes else ""), soft_wrap=True)
     lap("load")
-    _import_in_background(AFTER_RAY)
-    connect(address, dashboard=False)
+    _connect_for_trials(address)
     import ray
 
     lap("ray")
@@ -246,7 +252,7 @@ def resume_study(name: str, address: str | None) -> StudyRecord:
         console.print(f"study {name} is already complete")
         return rec
     tracking.require_server(rec.tracking_uri) if rec.tracking_uri.startswith("http") else None
-    connect(address, dashboard=False)
+    _connect_for_trials(address)
     import ray
 
     res = check_resources(rec.study, name, ray.cluster_resources())
