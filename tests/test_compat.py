@@ -70,6 +70,15 @@ def test_ray_init_takes_the_loopback_node_address():
         assert f'kwargs.pop("{name}"' in source, name
 
 
+def test_local_gpu_count_is_what_ray_gives_a_local_cluster(monkeypatch):
+    """Ray's own count for this machine (none on the CPU test machine); ``CUDA_VISIBLE_DEVICES`` limits it."""
+    import ray._private.resource_and_label_spec as spec
+
+    assert compat.local_gpu_count() == spec.ResourceAndLabelSpec().resolve(is_head=True).num_gpus
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert compat.local_gpu_count() == 0
+
+
 def test_optuna_search_trials_can_be_told_pruned():
     import optuna
     from optuna.trial import TrialState

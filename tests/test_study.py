@@ -51,6 +51,8 @@ def test_study_over_both_approaches_with_asha(finished_study):
         kept = list(folder.glob("checkpoint_*"))
         assert len(kept) == (0 if r.data.tags[R.STATE_TAG] == "stopped_early" else 1), (folder, kept)  # the newest
     assert parent.data.metrics["storage_bytes"] > 0 and "stopped trials keep none" in s.stdout, s.stdout
+    # Tune's own result files, but not its TensorBoard files (importing that logger imports torch)
+    assert len(list(exp.glob("*/result.json"))) == len(runs) and not list(exp.glob("*/events.out.tfevents*"))
     # where the trials' time went: every part measured, together no more than the runs lasted
     m = parent.data.metrics
     shares = [m[f"trial_time_share_{k}"] for k in ("training", "evaluation", "setup", "checkpoints", "final_report",
@@ -211,6 +213,24 @@ def test_plan_shows_what_run_would_do_and_runs_nothing(tmp_path, yaml_file, ray_
     assert "lora.r: choice [4, 8]" in out and "head: head.class_weights: choice ['none', 'balanced']" in out, out
     after = set(StudyRecord.folder("x").parent.glob("*")) if StudyRecord.folder("x").parent.exists() else set()
     assert after == before
+
+
+def test_the_driver_reads_a_study_without_torch(tmp_path, yaml_file):
+    """The CLI and a study's driver import neither torch nor transformers (seconds of a study's start
+    before its first trials, on a GPU machine): the config reads every approach's settings, the data
+    loads, the local GPUs are counted, and what the driver imports once Ray runs comes without them."""
+    path = yaml_file(tiny_study(learnable_csv(tmp_path / "d.csv")))
+    code = (
+        "import importlib, pathlib, sys\n"
+        "import tuner.cli, tuner.study as S\n"
+        "from tuner.console import quiet_libraries\n"
+        "quiet_libraries()\n"
+        f"S._load(pathlib.Path({str(path)!r}), ['approach=generation'], None)\n"
+        "[importlib.import_module(m) for m in S.AFTER_RAY]\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'peft', 'bitsandbytes') if m in sys.modules))\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip().splitlines()[-1] == "[]", p.stdout
 
 
 def test_fractional_gpu_on_cpu_cluster_warns_and_runs_on_cpu():

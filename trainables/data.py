@@ -256,12 +256,12 @@ def load_dataset(cfg: DataSettings) -> Dataset:
 
 def _split_missing(ds: Dataset, cfg: DataSettings) -> None:
     """Carve absent eval/test splits out of train, stratified and seeded."""
-    from sklearn.model_selection import train_test_split
-
     carved_test = 0.0
     for split, frac in (("test", cfg.split.test), ("eval", cfg.split.eval)):
         if getattr(ds, split) is not None or frac <= 0:
             continue
+        from sklearn.model_selection import train_test_split  # about 1 s to import: only where a split is carved
+
         n = len(ds.train)
         take = frac / (1 - carved_test)  # fractions are of the original file
         if split == "test":

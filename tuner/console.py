@@ -29,10 +29,7 @@ def quiet_libraries() -> None:
                  # the study's summary already says so, from MLflow
                  "ray.tune.analysis.experiment_analysis"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        import transformers
-
+    transformers = sys.modules.get("transformers")  # imported already: the variables above came too late
+    if transformers is not None:  # (importing it here would cost the CLI a second)
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
-    except Exception:  # noqa: BLE001
-        pass

@@ -70,10 +70,9 @@ def check_resources(study: StudyConfig, source: str, cluster: dict[str, float]) 
 
 
 def local_gpus() -> int:
+    """GPUs of this machine that a local cluster would have (Ray's count; torch stays unimported)."""
     try:
-        import torch
-
-        return torch.cuda.device_count()
+        return compat.local_gpu_count()
     except Exception:  # noqa: BLE001
         return 0
 

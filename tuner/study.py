@@ -308,6 +308,8 @@ def _run_config(rec: StudyRecord, study: StudyConfig):
     # happens more than once in 5 s, which short epochs always do. The snapshots are wanted and
     # cheap on local storage: keep the warning out of normal output.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
     from tuner.callbacks import StudyCallback
 
     return tune.RunConfig(
@@ -316,8 +318,10 @@ def _run_config(rec: StudyRecord, study: StudyConfig):
         # Ray's always-kept latest on top of the best: two or three copies of a trial's state)
         checkpoint_config=tune.CheckpointConfig(num_to_keep=study.keep_checkpoints),
         failure_config=tune.FailureConfig(max_failures=study.max_failures),
+        # Tune's own result files, without its TensorBoard logger (MLflow has the metrics; importing
+        # it imports torch, seconds of the driver's before the first trials): see _fit
         callbacks=[StudyCallback(rec.name, rec.tracking_uri, rec.experiment_id, rec.parent_run_id, study.scheduler.max_epochs,
-                                 study.metric, study.mode)],
+                                 study.metric, study.mode), CSVLoggerCallback(), JsonLoggerCallback()],
     )
 
 
@@ -346,7 +350,8 @@ def _fit(tuner, rec: StudyRecord, pending: int) -> StudyRecord:
     interrupted = False
     before = signal.getsignal(signal.SIGINT)
     try:
-        with _env_default("TUNE_MAX_PENDING_TRIALS_PG", str(pending)):  # Tune reads it as the fit starts
+        # Tune reads both as the fit starts; the loggers it would add are in _run_config's callbacks
+        with _env_default("TUNE_MAX_PENDING_TRIALS_PG", str(pending)), _env_default("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1"):
             results = tuner.fit()
         rec.trials_returned = time.time()  # saved with the report
         # Ray Tune catches Ctrl-C itself and returns normally; its handler puts the previous one back

@@ -1,5 +1,9 @@
 """What every approach provides, and the helpers the training loop and the predictor share.
 
+Approach modules import torch inside the functions that use it: the run config reads every approach's
+settings, and the CLI and a study's driver read the config without loading torch (seconds of a
+study's start).
+
 An approach is one way to turn a Llama model into a classifier. Its class says how the base is loaded
 (:meth:`Approach.load_pretrained`, the modules kept out of quantization, the PEFT task type), how texts
 become examples and batches, its training loss and its scoring. Scores are *log-scores*
@@ -14,8 +18,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from trainables.errors import InputError
 from trainables.strict import Strict
@@ -25,6 +27,8 @@ IGNORE = -100
 ``cross_entropy`` default ``ignore_index``)."""
 
 if TYPE_CHECKING:
+    import torch
+
     from trainables.config import RunConfig
 
 
@@ -84,6 +88,8 @@ class Approach:
         """Right-pad to the longest sequence, rounded up to ``pad_to_multiple_of`` (fewer shapes):
         ``input_ids`` and ``attention_mask`` as the tokenizer's ``pad`` makes them, in a tenth of its
         time (it runs for every batch, on the host, between the GPU's steps)."""
+        import torch
+
         lengths = np.fromiter(map(len, seqs), np.int64, len(seqs))
         multiple = self.pad_multiple or 1
         width = -(-int(lengths.max(initial=0)) // multiple) * multiple
@@ -114,6 +120,8 @@ class Approach:
         :data:`IGNORE`, so no loss.
         The batch's shapes then depend on ``rows`` and ``length`` only (one CUDA graph per length
         bucket, :mod:`trainables.step_graphs`)."""
+        import torch.nn.functional as F
+
         ids, mask = batch["input_ids"], batch["attention_mask"]
         down, right = rows - ids.shape[0], length - ids.shape[1]
         if down <= 0 and right <= 0:
@@ -162,33 +170,40 @@ def use_bf16(cfg: RunConfig, dev: torch.device) -> bool:
 def autocast(dev: torch.device, bf16: bool, cache: bool = True):
     """bf16 autocast where asked (the default on CUDA); a no-op context otherwise. ``cache=False``
     for CUDA-graph capture (a cached cast would be freed at exit while the graph still reads it)."""
+    import torch
+
     return torch.autocast(dev.type, dtype=torch.bfloat16, cache_enabled=cache) if bf16 else contextlib.nullcontext()
 
 
-@torch.inference_mode()
 def batched_log_scores(model, approach: Approach, examples: list[Example], batch_size: int,
                        dev: torch.device, bf16: bool, scorer=None) -> torch.Tensor:
-    """Log-scores ``[N, classes]`` in input order (on the CPU).
+    """Log-scores ``[N, classes]`` in input order (on the CPU), in inference mode.
 
     Examples are run longest first in large batches (little padding), then put back in order.
     ``scorer(batch)`` (a CPU batch, under its own autocast) replaces ``approach.log_scores(model, batch)``
     (e.g. a :class:`trainables.graphs.GraphedScorer`)."""
+    import torch
+
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
     out = torch.empty((len(examples), len(approach.labels)), dtype=torch.float32)
-    for s in range(0, len(order), batch_size):
-        idx = order[s: s + batch_size]
-        batch = approach.collate([examples[i] for i in idx], train=False)
-        if scorer is not None:
-            scores = scorer(batch)
-        else:
-            with autocast(dev, bf16):
-                scores = approach.log_scores(model, to_device(batch, dev))
-        out[idx] = scores.float().cpu()
+    with torch.inference_mode():
+        for s in range(0, len(order), batch_size):
+            idx = order[s: s + batch_size]
+            batch = approach.collate([examples[i] for i in idx], train=False)
+            if scorer is not None:
+                scores = scorer(batch)
+            else:
+                with autocast(dev, bf16):
+                    scores = approach.log_scores(model, to_device(batch, dev))
+            out[idx] = scores.float().cpu()
     return out
 
 
 def decision_loss(scores: torch.Tensor, labels: list[int], class_weights: torch.Tensor | None = None) -> float:
     """The loss of the classification decision: cross-entropy over the label set (NaN without labels)."""
+    import torch
+    import torch.nn.functional as F
+
     if not labels or min(labels) < 0:
         return float("nan")
     w = class_weights.cpu() if class_weights is not None else None

@@ -4,15 +4,16 @@ set and each label gets a probability."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
-import torch.nn.functional as F
 from pydantic import field_validator
 
 from trainables.approaches.base import IGNORE, Approach, Example
 from trainables.errors import InputError
 from trainables.strict import Strict
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_PROMPT = (
     "Classify the text into one of these labels: {labels}.\n"
@@ -53,6 +54,8 @@ class GenerationApproach(Approach):
     can_generate = True
 
     def __init__(self, tokenizer, label_names, cfg):
+        import torch
+
         super().__init__(tokenizer, label_names, cfg)
         if tokenizer.eos_token_id is None:
             raise InputError(f"model '{cfg.model}': tokenizer has no end-of-sequence token, needed by approach=generation")
@@ -94,6 +97,8 @@ class GenerationApproach(Approach):
         return [Example(e.input_ids + self.label_ids[e.label], e.label, e.prompt_len) for e in examples]
 
     def collate(self, batch, train):
+        import torch
+
         labels = torch.tensor([e.label for e in batch], dtype=torch.long)
         if not train and self.first_token:  # one row per example, read after its prompt
             ids, mask = self._pad([e.input_ids for e in batch])
@@ -115,6 +120,8 @@ class GenerationApproach(Approach):
     def pad_to(self, batch, rows, length):
         """As :meth:`Approach.pad_to`, with the label positions moved to the new row length and
         padded to a fixed count (``rows`` x the longest label; the extra targets are ignored)."""
+        import torch.nn.functional as F
+
         old = batch["input_ids"].shape[1] - 1
         out = dict(super().pad_to(batch, rows, length))
         length = out["input_ids"].shape[1]
@@ -135,6 +142,8 @@ class GenerationApproach(Approach):
         return lm_head(h).float(), batch["target_ids"]
 
     def loss(self, model, batch, class_weights):
+        import torch.nn.functional as F
+
         logits, tgt = self._token_logits(model, batch)
         return F.cross_entropy(logits, tgt, ignore_index=IGNORE)
 
@@ -145,6 +154,8 @@ class GenerationApproach(Approach):
         return self._first_ids[str(dev)]
 
     def log_scores(self, model, batch):
+        import torch
+
         if self.first_token:
             decoder, lm_head = _causal_parts(model)
             hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -157,13 +168,15 @@ class GenerationApproach(Approach):
         per_row = torch.zeros(batch["input_ids"].shape[0], device=tok_lp.device).index_add_(0, batch["target_row"], tok_lp)
         return per_row.view(-1, len(self.labels))
 
-    @torch.inference_mode()
     def generate(self, model, texts, dev, max_new_tokens):
         """Free-text completion of each prompt (greedy)."""
+        import torch
+
         out = []
-        for ids in self.prompt_ids(list(texts)):
-            x = torch.tensor([ids], device=dev)
-            y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
-                               do_sample=False, pad_token_id=self.tok.pad_token_id)
-            out.append(self.tok.decode(y[0, len(ids):], skip_special_tokens=True).strip())
+        with torch.inference_mode():
+            for ids in self.prompt_ids(list(texts)):
+                x = torch.tensor([ids], device=dev)
+                y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                                   do_sample=False, pad_token_id=self.tok.pad_token_id)
+                out.append(self.tok.decode(y[0, len(ids):], skip_special_tokens=True).strip())
         return out

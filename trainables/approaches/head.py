@@ -6,8 +6,6 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from trainables.approaches.base import Approach, Example
 from trainables.strict import Strict
@@ -38,6 +36,8 @@ class HeadApproach(Approach):
     def init_weights(cls, model, generator) -> None:
         """The head peft trains (its copy of ``score``, a module to save): normal, the model's
         ``initializer_range`` wide."""
+        import torch
+
         score = model.get_base_model().score
         score = score.modules_to_save[model.active_adapter] if hasattr(score, "modules_to_save") else score
         w = torch.empty(score.weight.shape, dtype=torch.float32)
@@ -51,11 +51,15 @@ class HeadApproach(Approach):
         return [Example(i, y) for i, y in zip(ids, labels)]
 
     def collate(self, batch, train):
+        import torch
+
         ids, mask = self._pad([e.input_ids for e in batch])
         return {"input_ids": ids, "attention_mask": mask,
                 "labels": torch.tensor([e.label for e in batch], dtype=torch.long)}
 
     def class_weights(self, train_labels):
+        import torch
+
         if self.settings.class_weights == "none":
             return None
         counts = np.bincount(train_labels, minlength=len(self.labels)).astype(float)
@@ -66,4 +70,6 @@ class HeadApproach(Approach):
         return out.logits.float()
 
     def loss(self, model, batch, class_weights):
+        import torch.nn.functional as F
+
         return F.cross_entropy(self.log_scores(model, batch), batch["labels"], weight=class_weights)
