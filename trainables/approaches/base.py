@@ -185,8 +185,8 @@ def batched_log_scores(model, approach: Approach, examples: list[Example], batch
     import torch
 
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
-    out = torch.empty((len(examples), len(approach.labels)), dtype=torch.float32)
     with torch.inference_mode():
+        out = torch.empty((len(examples), len(approach.labels)), dtype=torch.float32)
         for s in range(0, len(order), batch_size):
             idx = order[s: s + batch_size]
             batch = approach.collate([examples[i] for i in idx], train=False)
