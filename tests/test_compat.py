@@ -71,12 +71,23 @@ def test_ray_init_takes_the_loopback_node_address():
 
 
 def test_local_gpu_count_is_what_ray_gives_a_local_cluster(monkeypatch):
-    """Ray's own count for this machine (none on the CPU test machine); ``CUDA_VISIBLE_DEVICES`` limits it."""
-    import ray._private.resource_and_label_spec as spec
+    """The count a local cluster would get from Ray, on this machine and on a 4-GPU node (NVML's answer
+    patched in), whatever ``CUDA_VISIBLE_DEVICES`` hides."""
+    from ray._private.accelerators import get_accelerator_manager_for_resource
+    from ray._private.resource_and_label_spec import ResourceAndLabelSpec
 
-    assert compat.local_gpu_count() == spec.ResourceAndLabelSpec().resolve(is_head=True).num_gpus
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert compat.local_gpu_count() == 0
+    def ray_count() -> int:
+        return ResourceAndLabelSpec().resolve(is_head=True).num_gpus
+
+    assert compat.local_gpu_count() == ray_count()  # none on the CPU test machine
+    manager = get_accelerator_manager_for_resource("GPU")
+    monkeypatch.setattr(manager, "get_current_node_num_accelerators", staticmethod(lambda: 4))
+    for visible, want in ((None, 4), ("0,2", 2), ("", 0)):
+        if visible is None:
+            monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        else:
+            monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        assert compat.local_gpu_count() == ray_count() == want, visible
 
 
 def test_optuna_search_trials_can_be_told_pruned():

@@ -218,14 +218,16 @@ def test_plan_shows_what_run_would_do_and_runs_nothing(tmp_path, yaml_file, ray_
 def test_the_driver_reads_a_study_without_torch(tmp_path, yaml_file):
     """The CLI and a study's driver import neither torch nor transformers (seconds of a study's start
     before its first trials, on a GPU machine): the config reads every approach's settings, the data
-    loads, the local GPUs are counted, and what the driver imports once Ray runs comes without them."""
+    loads, the local GPUs are counted, Tune's settings (searcher and its first trials, scheduler) are
+    made, and what the driver imports once Ray runs comes without them."""
     path = yaml_file(tiny_study(learnable_csv(tmp_path / "d.csv")))
     code = (
         "import importlib, pathlib, sys\n"
         "import tuner.cli, tuner.study as S\n"
         "from tuner.console import quiet_libraries\n"
         "quiet_libraries()\n"
-        f"S._load(pathlib.Path({str(path)!r}), ['approach=generation'], None)\n"
+        f"study, space, _ = S._load(pathlib.Path({str(path)!r}), ['approach=generation'], None)\n"
+        "S._tune_config(study, space, None)\n"
         "[importlib.import_module(m) for m in S.AFTER_RAY]\n"
         "print(sorted(m for m in ('torch', 'transformers', 'peft', 'bitsandbytes') if m in sys.modules))\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
