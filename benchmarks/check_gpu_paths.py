@@ -1,7 +1,11 @@
 """A quick check, on a GPU node, of the code paths no CPU test can reach:
 - ``worker_device``: a Ray worker given no GPU computes on the CPU, one given a share on its GPU;
 - ``resources_per_trial.gpu: auto`` left to its default: every approach measured in one Ray task;
-- a CUDA graph capture that fails leaves dropout working eagerly (compat.release_generator_from_capture).
+- a CUDA graph capture that fails leaves dropout working eagerly (compat.release_generator_from_capture);
+- the imports a study's workers do ahead of their trials (trainables.import_ahead) leave CUDA
+  uninitialised, so the GPU Ray gives the trial later is the one it uses.
+
+    python benchmarks/check_gpu_paths.py import_ahead      # that last check alone
 
     bash benchmarks/gpu_run.sh check_gpu_paths.py
 """
@@ -32,7 +36,24 @@ def failed_capture_then_dropout() -> None:
         print(f"failed capture ({type(e).__name__}) then eager dropout: ok ({kept} of 64 kept)", flush=True)
 
 
+def import_ahead_leaves_cuda_alone() -> None:
+    """In a fresh process, import what :mod:`trainables.import_ahead` imports, then ask the CUDA driver
+    for its device count: it answers CUDA_ERROR_NOT_INITIALIZED (3) unless something called cuInit."""
+    import subprocess
+
+    code = ("import ctypes, importlib; from trainables import import_ahead as A\n"
+            "for m in A.MODULES: importlib.import_module(m)\n"
+            "n = ctypes.c_int(); rc = ctypes.CDLL('libcuda.so.1').cuDeviceGetCount(ctypes.byref(n))\n"
+            "print('import ahead: cuDeviceGetCount returned', rc, '(3: CUDA not initialised, as it must be)')\n"
+            "raise SystemExit(0 if rc == 3 else 1)")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
 def main() -> None:
+    if sys.argv[1:] == ["import_ahead"]:
+        import_ahead_leaves_cuda_alone()
+        return
+    import_ahead_leaves_cuda_alone()
     failed_capture_then_dropout()
     import ray
     import yaml

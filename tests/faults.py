@@ -58,3 +58,10 @@ class ReplayedEagerly:
 def capture_eagerly(fn, pool):
     g = ReplayedEagerly(fn)
     return g, g.out
+
+
+def mark_chained_hook_ran() -> None:
+    """Leaves a mark in the worker's environment (the import-ahead hook runs this one first)."""
+    import os
+
+    os.environ["QLT_CHAINED_RAN"] = "1"

@@ -64,6 +64,38 @@ def test_no_address_starts_a_cluster_of_its_own_beside_a_running_one(ray_cluster
     assert gcs["own"] != port and gcs["job"] == port, gcs
 
 
+def test_a_studys_workers_import_ahead_and_run_the_chained_hook(ray_cluster):
+    """A study's job gives its workers trainables.import_ahead as Ray's setup hook: a worker has imported
+    the trial's heavy modules by the time its task has waited for them, has not initialised CUDA
+    through torch, and has run the hook QLORA_TUNE_WORKER_SETUP_HOOK names first. Off with
+    QLORA_TUNE_IMPORT_AHEAD=0 (the benchmarks' baseline)."""
+    code = ("import json, ray\n"
+            "from trainables import import_ahead as A\n"
+            "from tuner.ray_cluster import connect\n"
+            "connect(%r, setup_hook=A.HOOK)\n"
+            "@ray.remote\n"
+            "def probe():\n"
+            "    import os, sys\n"
+            "    began = A._thread is not None\n"
+            "    A.wait()\n"
+            "    import torch\n"
+            "    return {'began': began, 'imported': [m for m in A.MODULES if m in sys.modules],\n"
+            "            'cuda': torch.cuda.is_initialized(), 'chained': os.environ.get('QLT_CHAINED_RAN')}\n"
+            "print('PROBE', json.dumps(ray.get(probe.remote())))\n") % ray_cluster
+    env = {**os.environ, "QLORA_TUNE_WORKER_SETUP_HOOK": "tests.faults.mark_chained_hook_ran",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    seen = {}
+    for case, extra in (("on", {}), ("off", {"QLORA_TUNE_IMPORT_AHEAD": "0"})):
+        p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, **extra}, capture_output=True,
+                           text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        seen[case] = json.loads(re.search(r"PROBE (.+)", p.stdout).group(1))
+    from trainables import import_ahead
+
+    assert seen["on"] == {"began": True, "imported": list(import_ahead.MODULES), "cuda": False, "chained": "1"}, seen
+    assert seen["off"]["began"] is False and seen["off"]["chained"] == "1", seen
+
+
 def test_launcher_config_passes_rays_own_schema():
     import jsonschema
     import ray.autoscaler

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from trainables import import_ahead
 from trainables import layout as L
 from trainables import params as P
 from trainables import worker_cache
@@ -63,6 +64,7 @@ def trial_config(ctx: TrialContext, params: dict[str, Any]):
 def train_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     """Ray Tune function trainable."""
     entered = time.time()
+    import_ahead.wait()
     import ray.tune as tune
 
     from trainables.models import worker_device
@@ -180,6 +182,7 @@ def _train(params: dict[str, Any], ctx: TrialContext, trial_id: str, trial_name:
 
 def _train_worker(config: dict) -> None:
     """One Ray Train worker of a data-parallel trial."""
+    import_ahead.wait()
     import ray.train
     import ray.train.torch
     import torch

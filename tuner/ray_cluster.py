@@ -17,10 +17,14 @@ def cluster_address(address: str | None) -> str | None:
     return address or os.environ.get("RAY_ADDRESS") or None
 
 
-def connect(address: str | None, runtime_env: dict | None = None, dashboard: bool = True) -> None:
+def connect(address: str | None, runtime_env: dict | None = None, dashboard: bool = True,
+            setup_hook: str | None = None) -> None:
     """Join the cluster at ``address`` (``auto``, ``HOST:PORT``, ``ray://...``), or start a local one
     (:func:`cluster_address`), with Ray's dashboard unless ``dashboard`` is false (a study's own
-    cluster: the dashboard's start is about 2.5 s of the study's before any trial starts)."""
+    cluster: the dashboard's start is about 2.5 s of the study's before any trial starts).
+    ``setup_hook``: Ray's ``worker_process_setup_hook`` for this job's workers, as ``module.function``;
+    ``QLORA_TUNE_WORKER_SETUP_HOOK`` (tests inject faults with it) is then passed to the workers for
+    that hook to run first (:mod:`trainables.import_ahead`), else it is the hook itself."""
     import logging
 
     import ray
@@ -35,11 +39,16 @@ def connect(address: str | None, runtime_env: dict | None = None, dashboard: boo
     env_vars.update({k: os.environ.get(k, v) for k, v in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"),
                                                            ("MLFLOW_HTTP_REQUEST_TIMEOUT", "15"))})
     extra = dict(runtime_env or {})
-    hook = os.environ.get("QLORA_TUNE_WORKER_SETUP_HOOK")
+    chained = os.environ.get("QLORA_TUNE_WORKER_SETUP_HOOK")
+    if setup_hook and chained:
+        env_vars["QLORA_TUNE_WORKER_SETUP_HOOK"] = chained
+    hook = setup_hook or chained
     if hook:  # Ray's worker_process_setup_hook: `module.function` run in every worker process at start
         extra["worker_process_setup_hook"] = hook
         if "PYTHONPATH" in os.environ:  # where the hook's module is found
             env_vars["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    if "QLORA_TUNE_IMPORT_AHEAD" in os.environ:
+        env_vars["QLORA_TUNE_IMPORT_AHEAD"] = os.environ["QLORA_TUNE_IMPORT_AHEAD"]
     if address:  # joining a cluster with token authentication: use the token here, as `ray start` does
         compat.enable_ray_token_auth_if_available()
     host = (address or "").removeprefix("ray://").split(":")[0]

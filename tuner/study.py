@@ -109,9 +109,12 @@ def _import_in_background(modules: tuple[str, ...]) -> None:
 
 def _connect_for_trials(address: str | None) -> None:
     """Join or start the cluster a study's trials run on (its own local cluster without Ray's
-    dashboard), importing :data:`AFTER_RAY` meanwhile."""
+    dashboard), importing :data:`AFTER_RAY` meanwhile; its workers import what trials need before
+    the trials come (:mod:`trainables.import_ahead`)."""
+    from trainables import import_ahead
+
     _import_in_background(AFTER_RAY)
-    connect(address, dashboard=False)
+    connect(address, dashboard=False, setup_hook=import_ahead.HOOK)
 
 
 def _pending_trials(study: StudyConfig, res: dict[str, float], cluster: dict[str, float]) -> int:

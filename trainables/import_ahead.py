@@ -1,0 +1,67 @@
+"""A trial's heavy imports, started in a Ray worker before any trial reaches it.
+
+A fresh trial process imports torch, transformers' model and tokenizer machinery, MLflow and
+scikit-learn: on an H200 host about 10 s of the 20 s between a first-wave trial's process start and
+its first step (``benchmarks/first_wave.py``). Ray starts a study's first worker processes while the
+driver is still setting up Tune, seconds before it hands them their trials. :func:`start`, Ray's
+``worker_process_setup_hook`` for a study's jobs, uses that idle time: it imports those modules in a
+thread of their own, and a trial's function calls :func:`wait` before its own imports, so that no
+two threads of a worker import at once.
+
+Only modules that leave CUDA uninitialised are imported here. CUDA reads ``CUDA_VISIBLE_DEVICES``
+once, when it initialises; Ray sets that variable only when it hands the worker a trial and its GPU.
+bitsandbytes and peft initialise CUDA when imported, so the trial imports them itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+
+HOOK = f"{__name__}.start"
+"""Ray's ``worker_process_setup_hook`` value for a study."""
+CHAINED_HOOK = "QLORA_TUNE_WORKER_SETUP_HOOK"
+"""A further hook (``module.function``) run first, as :func:`tuner.ray_cluster.connect` documents."""
+
+MODULES = (
+    "torch",
+    "transformers.modeling_utils",
+    "transformers.models.llama.modeling_llama",
+    "transformers.models.auto.modeling_auto",
+    "transformers.models.auto.tokenization_auto",
+    "safetensors.torch",
+    "mlflow.tracking",
+    "sklearn.metrics",
+)
+"""What a trial imports that takes time and leaves CUDA uninitialised (checked on an H200 by
+``benchmarks/check_gpu_paths.py``)."""
+
+_thread: threading.Thread | None = None
+
+
+def start() -> None:
+    """Run the chained hook, if any, then import :data:`MODULES` in a daemon thread."""
+    global _thread
+    chained = os.environ.get(CHAINED_HOOK)
+    if chained:
+        module, _, fn = chained.rpartition(".")
+        getattr(importlib.import_module(module), fn)()
+    if os.environ.get("QLORA_TUNE_IMPORT_AHEAD", "1") == "0":
+        return
+    _thread = threading.Thread(target=_import, name="qlora-tune-import-ahead", daemon=True)
+    _thread.start()
+
+
+def wait() -> None:
+    """Return once the imports :func:`start` began are done (at once where none began)."""
+    if _thread is not None:
+        _thread.join()
+
+
+def _import() -> None:
+    for name in MODULES:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - the trial imports it again, and reports what fails there
+            pass
