@@ -697,6 +697,9 @@ def bench_study(tag: str, study_yaml: str, *sets: str) -> None:
         p = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
         wall = time.time() - t
     print(p.stdout[-4000:], p.stderr[-3000:])
+    # the headline first: a part's timeout that strikes while the rest is read keeps these (replaced below)
+    save({f"study_{tag}": {"gpus": len(gpus), "card": card(), "wall_s": wall, "exit_code": p.returncode,
+                           "gpu_util": gs.busy(), "gpu_mem_peak_gb": gs.mem, "partial": True, **plan}})
     rec = StudyRecord.load(name)
     df = study_rows(rec)
     summ = compute_summary(rec, df)
