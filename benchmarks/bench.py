@@ -719,6 +719,7 @@ def bench_study(tag: str, study_yaml: str, *sets: str) -> None:
                          "approach": run.data.tags.get("approach"), "pid": run.data.tags.get(R.PID_TAG),
                          "process_started": run.data.tags.get(R.PROCESS_STARTED_TAG),
                          "entered": run.data.tags.get(R.ENTERED_TAG), "opened": info.start_time / 1000,
+                         "import_wait": run.data.tags.get(R.IMPORT_WAIT_TAG),
                          "ended": (info.end_time or 0) / 1000, **run.data.params, **run.data.metrics})
         starts.append(info.start_time / 1000)
         ends.append((info.end_time or info.start_time) / 1000)

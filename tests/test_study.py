@@ -78,6 +78,8 @@ def test_study_over_both_approaches_with_asha(finished_study):
     entered = float(first.data.tags[R.ENTERED_TAG])
     assert parts["trial_imports"] == pytest.approx(first.info.start_time / 1000 - entered, abs=0.01), parts
     assert float(first.data.tags[R.PROCESS_STARTED_TAG]) <= entered
+    # every trial's worker had begun the trial's imports ahead (the study's setup hook), and said how long it waited
+    assert all(float(r.data.tags[R.IMPORT_WAIT_TAG]) >= 0 for r in runs), [r.data.tags for r in runs]
     assert sum(parts[k] for k in trial) < first.info.start_time / 1000 - parent.info.start_time / 1000 < wall
     assert "before the first trial" in s.stdout and "the trial's imports until its run opened" in s.stdout, s.stdout
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import os
 import threading
+import time
 
 HOOK = f"{__name__}.start"
 """Ray's ``worker_process_setup_hook`` value for a study."""
@@ -53,10 +54,14 @@ def start() -> None:
     _thread.start()
 
 
-def wait() -> None:
-    """Return once the imports :func:`start` began are done (at once where none began)."""
-    if _thread is not None:
-        _thread.join()
+def wait() -> float | None:
+    """Return once the imports :func:`start` began are done: the seconds waited for them (0 where they
+    were done already), or None where none began (a worker of another job, or the feature off)."""
+    if _thread is None:
+        return None
+    t0 = time.perf_counter()
+    _thread.join()
+    return time.perf_counter() - t0
 
 
 def _import() -> None:

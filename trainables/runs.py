@@ -34,6 +34,9 @@ NODE_TAG = "qlora_tune.node_id"  # the Ray node the trial (last) ran on
 PID_TAG = "qlora_tune.pid"  # the worker process the trial (last) ran in
 PROCESS_STARTED_TAG = "qlora_tune.process_started"  # when that process started (epoch seconds)
 ENTERED_TAG = "qlora_tune.entered"  # when the trial's function began in it (epoch seconds)
+IMPORT_WAIT_TAG = "qlora_tune.import_wait"
+"""Seconds the trial waited for its worker's imports ahead (trainables.import_ahead); absent where the
+worker made none."""
 
 
 class RunState(str, enum.Enum):
@@ -213,14 +216,14 @@ class TrialRun:
     sent with the next call; the trial only ends once everything is logged (up to ``patience_s``)."""
 
     def __init__(self, ctx, trial_id: str, trial_name: str, cfg: RunConfig, params: dict,
-                 patience_s: float = 300.0, entered: float | None = None):
+                 patience_s: float = 300.0, entered: float | None = None, import_wait: float | None = None):
         self.c = client(ctx.tracking_uri)
         self.patience_s = patience_s
         self._pending: list[tuple[dict, int]] = []
         self._warned = False
-        self._retry(lambda: self._open(ctx, trial_id, trial_name, cfg, params, entered))
+        self._retry(lambda: self._open(ctx, trial_id, trial_name, cfg, params, entered, import_wait))
 
-    def _open(self, ctx, trial_id, trial_name, cfg, params, entered) -> None:
+    def _open(self, ctx, trial_id, trial_name, cfg, params, entered, import_wait) -> None:
         found = find_runs(self.c, ctx.experiment_id, ctx.study, "trial", trial_id, ctx.parent_run_id)
         self.completed = bool(found) and state_of(found[0]) is RunState.COMPLETED
         self.out_of_memory = found[0].data.tags.get(OOM_TAG) if found else None
@@ -245,6 +248,8 @@ class TrialRun:
         tags = {NODE_TAG: _node_id(), PID_TAG: str(os.getpid()), PROCESS_STARTED_TAG: f"{_process_started():.3f}"}
         if entered:
             tags[ENTERED_TAG] = f"{entered:.3f}"
+        if import_wait is not None:
+            tags[IMPORT_WAIT_TAG] = f"{import_wait:.3f}"
         self.c.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])  # one request, not one per tag
 
     def _retry(self, fn):

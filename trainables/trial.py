@@ -64,7 +64,7 @@ def trial_config(ctx: TrialContext, params: dict[str, Any]):
 def train_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     """Ray Tune function trainable."""
     entered = time.time()
-    import_ahead.wait()
+    import_wait = import_ahead.wait()
     import ray.tune as tune
 
     from trainables.models import worker_device
@@ -78,14 +78,15 @@ def train_trial(params: dict[str, Any], ctx: TrialContext) -> None:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder) if folder else None)
 
     _train(params, ctx, tc.get_trial_id(), tc.get_trial_name(), tune.get_checkpoint(), report, dev=worker_device(),
-           entered=entered)
+           entered=entered, import_wait=import_wait)
 
 
 def _train(params: dict[str, Any], ctx: TrialContext, trial_id: str, trial_name: str, checkpoint, report,
-           dev=None, entered: float | None = None) -> None:
+           dev=None, entered: float | None = None, import_wait: float | None = None) -> None:
     """Train one trial's adapter (on one worker, or as one worker of a data-parallel trial), calling
     ``report(metrics, checkpoint_folder_or_None)`` every epoch. Only worker 0 logs and checkpoints.
-    ``entered``: when the trial's function began (its run records it)."""
+    ``entered``: when the trial's function began; ``import_wait``: how long it waited for its worker's
+    imports ahead (its run records both)."""
     import torch
 
     from trainables.data import load_dataset
@@ -98,7 +99,7 @@ def _train(params: dict[str, Any], ctx: TrialContext, trial_id: str, trial_name:
     if ctx.cpus_per_trial >= 1:  # per trial, or per worker of a data-parallel trial
         torch.set_num_threads(int(ctx.cpus_per_trial))
     main = rank_and_world()[0] == 0
-    run = TrialRun(ctx, trial_id, trial_name, cfg, params, entered=entered) if main else None
+    run = TrialRun(ctx, trial_id, trial_name, cfg, params, entered=entered, import_wait=import_wait) if main else None
     if run and run.out_of_memory:  # Ray retries a failed trial; these settings would run out again
         raise OutOfGPUMemory(f"{run.out_of_memory} (in an earlier attempt; not retried)")
     started = time.time()
@@ -182,7 +183,7 @@ def _train(params: dict[str, Any], ctx: TrialContext, trial_id: str, trial_name:
 
 def _train_worker(config: dict) -> None:
     """One Ray Train worker of a data-parallel trial."""
-    import_ahead.wait()
+    import_wait = import_ahead.wait()
     import ray.train
     import ray.train.torch
     import torch
@@ -200,7 +201,8 @@ def _train_worker(config: dict) -> None:
             config["ack"].get()
         torch.distributed.barrier()
 
-    _train(config["params"], ctx, config["trial_id"], config["trial_name"], config["checkpoint"], report, dev=dev)
+    _train(config["params"], ctx, config["trial_id"], config["trial_name"], config["checkpoint"], report, dev=dev,
+           import_wait=import_wait)
 
 
 def _relay_callback(queue):
