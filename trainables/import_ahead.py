@@ -1,12 +1,13 @@
 """A trial's heavy imports, started in a Ray worker before any trial reaches it.
 
 A fresh trial process imports torch, transformers' model and tokenizer machinery, MLflow and
-scikit-learn: on an H200 host about 10 s of the 20 s between a first-wave trial's process start and
-its first step (``benchmarks/first_wave.py``). Ray starts a study's first worker processes while the
+scikit-learn: on an H200 host about 10 s of the 24 s from a lone fresh process's start to its first
+training step (``benchmarks/first_wave.py``). Ray starts a study's first worker processes while the
 driver is still setting up Tune, seconds before it hands them their trials. :func:`start`, Ray's
 ``worker_process_setup_hook`` for a study's jobs, uses that idle time: it imports those modules in a
-thread of their own, and a trial's function calls :func:`wait` before its own imports, so that no
-two threads of a worker import at once.
+thread of their own. A trial's function calls :func:`wait` before its own imports, so the trial never
+imports beside the thread; Ray's own imports for handing over the trial (``ray.tune``'s) may, and the
+thread imports nothing of Ray's.
 
 Only modules that leave CUDA uninitialised are imported here. CUDA reads ``CUDA_VISIBLE_DEVICES``
 once, when it initialises; Ray sets that variable only when it hands the worker a trial and its GPU.

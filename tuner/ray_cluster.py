@@ -6,6 +6,7 @@ import os
 
 from trainables import compat
 from trainables.errors import InputError
+from trainables.import_ahead import CHAINED_HOOK
 from tuner.console import console
 from tuner.study_config import StudyConfig
 
@@ -39,9 +40,9 @@ def connect(address: str | None, runtime_env: dict | None = None, dashboard: boo
     env_vars.update({k: os.environ.get(k, v) for k, v in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"),
                                                            ("MLFLOW_HTTP_REQUEST_TIMEOUT", "15"))})
     extra = dict(runtime_env or {})
-    chained = os.environ.get("QLORA_TUNE_WORKER_SETUP_HOOK")
+    chained = os.environ.get(CHAINED_HOOK)
     if setup_hook and chained:
-        env_vars["QLORA_TUNE_WORKER_SETUP_HOOK"] = chained
+        env_vars[CHAINED_HOOK] = chained
     hook = setup_hook or chained
     if hook:  # Ray's worker_process_setup_hook: `module.function` run in every worker process at start
         extra["worker_process_setup_hook"] = hook
