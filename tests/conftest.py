@@ -179,7 +179,9 @@ def finished_study(tmp_path_factory, ray_cluster, mlflow_server):
     cfg["search"] = {"approach": {"choice": ["head", "generation"]}, "lora.r": {"choice": [4, 8]},
                      "head": {"head.class_weights": {"choice": ["none", "balanced"]}}}
     study.write_text(yaml.safe_dump(cfg))
-    p = run_cli("run", study, "--name", "both-approaches", "--address", ray_cluster, timeout=900)
+    # imports ahead as on a GPU node (auto leaves them out on this CPU); the study test checks they ran
+    p = run_cli("run", study, "--name", "both-approaches", "--address", ray_cluster, timeout=900,
+                env={"QLORA_TUNE_IMPORT_AHEAD": "1"})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     from tuner.records import StudyRecord
 

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, learnable_csv, run_cli, tiny_study
+from trainables import compat
 from trainables import runs as R
 
 CLUSTER = ROOT / "cluster"
@@ -67,8 +68,8 @@ def test_no_address_starts_a_cluster_of_its_own_beside_a_running_one(ray_cluster
 def test_a_studys_workers_import_ahead_and_run_the_chained_hook(ray_cluster):
     """A study's job gives its workers trainables.import_ahead as Ray's setup hook: a worker has imported
     the trial's heavy modules by the time its task has waited for them, has not initialised CUDA
-    through torch, and has run the hook QLORA_TUNE_WORKER_SETUP_HOOK names first. Off with
-    QLORA_TUNE_IMPORT_AHEAD=0 (the benchmarks' baseline)."""
+    through torch, and has run the hook QLORA_TUNE_WORKER_SETUP_HOOK names first. QLORA_TUNE_IMPORT_AHEAD:
+    1 on, 0 off (the benchmarks' baseline), unset (auto) on where the node has a GPU."""
     code = ("import json, ray\n"
             "from trainables import import_ahead as A\n"
             "from tuner.ray_cluster import connect\n"
@@ -85,7 +86,8 @@ def test_a_studys_workers_import_ahead_and_run_the_chained_hook(ray_cluster):
     env = {**os.environ, "QLORA_TUNE_WORKER_SETUP_HOOK": "tests.faults.mark_chained_hook_ran",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     seen = {}
-    for case, extra in (("on", {}), ("off", {"QLORA_TUNE_IMPORT_AHEAD": "0"})):
+    for case, extra in (("on", {"QLORA_TUNE_IMPORT_AHEAD": "1"}), ("off", {"QLORA_TUNE_IMPORT_AHEAD": "0"}),
+                        ("auto", {})):
         p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, **extra}, capture_output=True,
                            text=True, timeout=300)
         assert p.returncode == 0, p.stderr[-2000:]
@@ -94,6 +96,7 @@ def test_a_studys_workers_import_ahead_and_run_the_chained_hook(ray_cluster):
 
     assert seen["on"] == {"began": True, "imported": list(import_ahead.MODULES), "cuda": False, "chained": "1"}, seen
     assert seen["off"]["began"] is False and seen["off"]["chained"] == "1", seen
+    assert seen["auto"]["began"] is (compat.local_gpu_count() > 0), seen  # auto: where the node has a GPU
 
 
 def test_launcher_config_passes_rays_own_schema():

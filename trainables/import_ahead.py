@@ -39,17 +39,33 @@ MODULES = (
 """What a trial imports that takes time and leaves CUDA uninitialised (checked on an H200 by
 ``benchmarks/check_gpu_paths.py``)."""
 
+SWITCH = "QLORA_TUNE_IMPORT_AHEAD"
+"""``1``: import ahead; ``0``: never; ``auto`` (the default): where the worker's node has a GPU. On a
+node of CPUs only, trials wait for no GPU, and a worker that never gets a trial (Ray starts one per
+CPU; a data-parallel trial's queues are workers too) would take those CPUs from the trials."""
+
 _thread: threading.Thread | None = None
 
 
+def _wanted(switch: str) -> bool:
+    if switch in ("0", "1"):
+        return switch == "1"
+    try:
+        from trainables.compat import local_gpu_count  # NVML through Ray: CUDA stays uninitialised
+
+        return local_gpu_count() > 0
+    except Exception:  # noqa: BLE001 - no way to tell: leave the worker as Ray made it
+        return False
+
+
 def start() -> None:
-    """Run the chained hook, if any, then import :data:`MODULES` in a daemon thread."""
+    """Run the chained hook, if any, then import :data:`MODULES` in a daemon thread where wanted."""
     global _thread
     chained = os.environ.get(CHAINED_HOOK)
     if chained:
         module, _, fn = chained.rpartition(".")
         getattr(importlib.import_module(module), fn)()
-    if os.environ.get("QLORA_TUNE_IMPORT_AHEAD", "1") == "0":
+    if not _wanted(os.environ.get(SWITCH, "auto")):
         return
     _thread = threading.Thread(target=_import, name="qlora-tune-import-ahead", daemon=True)
     _thread.start()

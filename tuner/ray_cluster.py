@@ -7,6 +7,7 @@ import os
 from trainables import compat
 from trainables.errors import InputError
 from trainables.import_ahead import CHAINED_HOOK
+from trainables.import_ahead import SWITCH as IMPORT_AHEAD
 from tuner.console import console
 from tuner.study_config import StudyConfig
 
@@ -48,8 +49,8 @@ def connect(address: str | None, runtime_env: dict | None = None, dashboard: boo
         extra["worker_process_setup_hook"] = hook
         if "PYTHONPATH" in os.environ:  # where the hook's module is found
             env_vars["PYTHONPATH"] = os.environ["PYTHONPATH"]
-    if "QLORA_TUNE_IMPORT_AHEAD" in os.environ:
-        env_vars["QLORA_TUNE_IMPORT_AHEAD"] = os.environ["QLORA_TUNE_IMPORT_AHEAD"]
+    if IMPORT_AHEAD in os.environ:
+        env_vars[IMPORT_AHEAD] = os.environ[IMPORT_AHEAD]
     if address:  # joining a cluster with token authentication: use the token here, as `ray start` does
         compat.enable_ray_token_auth_if_available()
     host = (address or "").removeprefix("ray://").split(":")[0]
