@@ -67,8 +67,7 @@ def start() -> None:
         getattr(importlib.import_module(module), fn)()
     if not _wanted(os.environ.get(SWITCH, "auto")):
         return
-    _thread = threading.Thread(target=_import, name="qlora-tune-import-ahead", daemon=True)
-    _thread.start()
+    _thread = import_in_background(MODULES)
 
 
 def wait() -> float | None:
@@ -81,9 +80,18 @@ def wait() -> float | None:
     return time.perf_counter() - t0
 
 
-def _import() -> None:
-    for name in MODULES:
-        try:
-            importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - the trial imports it again, and reports what fails there
-            pass
+def import_in_background(modules: tuple[str, ...]) -> threading.Thread:
+    """Import ``modules`` in a daemon thread of their own, started and returned. Whoever imports one of
+    them later waits for the thread where it is still at that one; one that fails here fails again,
+    and is reported, there. (The study's driver uses it too, while Ray starts.)"""
+
+    def run() -> None:
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - see above
+                pass
+
+    thread = threading.Thread(target=run, name="qlora-tune-imports", daemon=True)
+    thread.start()
+    return thread

@@ -6,8 +6,7 @@ import os
 
 from trainables import compat
 from trainables.errors import InputError
-from trainables.import_ahead import CHAINED_HOOK
-from trainables.import_ahead import SWITCH as IMPORT_AHEAD
+from trainables.import_ahead import CHAINED_HOOK, SWITCH as IMPORT_AHEAD
 from tuner.console import console
 from tuner.study_config import StudyConfig
 

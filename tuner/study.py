@@ -91,29 +91,13 @@ AFTER_RAY = ("mlflow.tracking", "optuna", "ray.tune.search.optuna", "ray.tune.ex
 on a CPU): imported while Ray starts, when the driver mostly waits for Ray's processes."""
 
 
-def _import_in_background(modules: tuple[str, ...]) -> None:
-    """Import ``modules`` in a thread of their own; the study's own imports of them wait for it where it
-    is still at one (one that fails here fails again, and is reported, there)."""
-    import importlib
-    import threading
-
-    def run() -> None:
-        for name in modules:
-            try:
-                importlib.import_module(name)
-            except Exception:  # noqa: BLE001 - see above
-                pass
-
-    threading.Thread(target=run, name="qlora-tune-imports", daemon=True).start()
-
-
 def _connect_for_trials(address: str | None) -> None:
     """Join or start the cluster a study's trials run on (its own local cluster without Ray's
     dashboard), importing :data:`AFTER_RAY` meanwhile; its workers import what trials need before
     the trials come (:mod:`trainables.import_ahead`)."""
     from trainables import import_ahead
 
-    _import_in_background(AFTER_RAY)
+    import_ahead.import_in_background(AFTER_RAY)
     connect(address, dashboard=False, setup_hook=import_ahead.HOOK)
 
 
